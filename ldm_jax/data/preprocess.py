@@ -1,0 +1,80 @@
+"""Image preprocessing: resize, crop, flip and scale to [-1, 1], deterministic given an RNG."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  if image.shape[:2] == (height, width):
+    return image
+  mode = "L" if image.shape[-1] == 1 else "RGB"
+  pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+  # PIL's bicubic filter widens with the downscale factor, so shrinking is antialiased.
+  out = np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC))
+  return out[..., None] if out.ndim == 2 else out
+
+
+def _pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
+  h, w = image.shape[:2]
+  out = np.zeros((size, size, image.shape[-1]), image.dtype)
+  sy, sx = max(0, (h - size) // 2), max(0, (w - size) // 2)   # crop offsets
+  dy, dx = max(0, (size - h) // 2), max(0, (size - w) // 2)   # pad offsets
+  ch, cw = min(h, size), min(w, size)
+  out[dy:dy + ch, dx:dx + cw] = image[sy:sy + ch, sx:sx + cw]
+  return out
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1], the range every model in ldm_jax works in."""
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(image) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255] (clipped)."""
+  return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(
+      np.uint8)
+
+
+def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
+                     resize_mode: str = "short_side", random_crop: bool = True,
+                     random_flip: bool = False) -> np.ndarray:
+  """A uint8 HWC image of any size -> float32 (size, size, C) in [-1, 1]."""
+  h, w = image.shape[:2]
+  if resize_mode == "short_side":
+    scale = size / min(h, w)
+    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    image = _resize(image, nh, nw)
+    if random_crop:
+      top, left = rng.integers(0, nh - size + 1), rng.integers(0, nw - size + 1)
+    else:
+      top, left = (nh - size) // 2, (nw - size) // 2
+    image = image[top:top + size, left:left + size]
+  elif resize_mode == "pad":
+    image = _pad_or_crop(image, size)
+  elif resize_mode == "stretch":
+    image = _resize(image, size, size)
+  else:
+    raise ValueError(f"data.resize_mode: unknown mode '{resize_mode}'")
+  if random_flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return to_float(image)
+
+
+def image_example_fn(data_config, train: bool):
+  """Raw example -> {'image': float32 [-1, 1], 'label': int32 if labelled} per `config.data`.
+
+  Evaluation (train=False) uses centre crops and no flips, so it sees the same pixels every time.
+  """
+  d = data_config
+
+  def fn(example, rng):
+    out = {"image": preprocess_image(example["image"], rng, size=d.image_size,
+                                     resize_mode=d.resize_mode,
+                                     random_crop=train and d.random_crop,
+                                     random_flip=train and d.random_flip)}
+    if "label" in example:
+      out["label"] = np.int32(example["label"])
+    return out
+
+  return fn

@@ -1,0 +1,318 @@
+"""Random-access example sources: a user's image folder, MNIST IDX files, tfds datasets, arrays.
+
+Every source has `len(source)` and `source[i] -> dict` with an 'image' (uint8, HWC) and, when the
+dataset has them, a 'label' (int) and a 'caption' (str). Random access is what makes the input
+pipeline deterministic and resumable: the pipeline only ever asks for example indices.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import os
+import re
+import struct
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+  """A dataset is missing, empty or unreadable; the message names the field and the path."""
+
+
+class Source:
+  """Base class: a sized, indexable collection of examples."""
+
+  num_classes: int = 0
+  description: str = ""
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == channels:
+    return image
+  if channels == 3 and image.shape[-1] == 1:
+    return np.repeat(image, 3, axis=-1)
+  if channels == 1 and image.shape[-1] in (3, 4):
+    rgb = image[..., :3].astype(np.float32)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None]
+  if channels == 3 and image.shape[-1] == 4:
+    return image[..., :3]
+  raise DataError(f"cannot convert an image with {image.shape[-1]} channels to {channels}")
+
+
+class ImageFolderSource(Source):
+  """Images under a folder: one sub-folder per class (labels sorted by name), or flat.
+
+  Images of any size and format that PIL reads; they are resized by the pipeline. Nested
+  folders below the class folders are searched too.
+  """
+
+  def __init__(self, root: str, channels: int = 3):
+    if not os.path.isdir(root):
+      raise DataError(f"data.path: image folder '{root}' does not exist")
+    self.root = root
+    self.channels = channels
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                     and not d.startswith("."))
+    top_files = [f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    files, labels, classes = [], [], []
+    if subdirs and not top_files:
+      for label, d in enumerate(subdirs):
+        found = _list_images(os.path.join(root, d))
+        files += found
+        labels += [label] * len(found)
+      classes = subdirs
+    else:
+      files = _list_images(root)
+    if not files:
+      raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+                      f"'{root}'")
+    self.files = files
+    self.labels = np.asarray(labels, np.int32) if classes else None
+    self.classes = classes
+    self.num_classes = len(classes)
+    self.description = (f"image folder {root}: {len(files)} images" +
+                        (f", {len(classes)} classes" if classes else ", no classes"))
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, index):
+    path = self.files[index]
+    try:
+      with Image.open(path) as im:
+        im = im.convert("L" if self.channels == 1 else "RGB")
+        image = np.asarray(im, np.uint8)
+    except Exception as e:  # PIL raises many types for bad files
+      raise DataError(f"data: cannot read image '{path}': {e}") from e
+    example = {"image": _to_channels(image, self.channels)}
+    if self.labels is not None:
+      example["label"] = int(self.labels[index])
+    return example
+
+
+def _list_images(folder):
+  out = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames.sort()
+    out += [os.path.join(dirpath, f) for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return out
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped), the format of the MNIST distribution."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f"data: cannot read IDX file '{path}': {e}") from e
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise DataError(f"data: '{path}' is not an unsigned-byte IDX file")
+  ndim = data[3]
+  dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if body.size != int(np.prod(dims)):
+    raise DataError(f"data: '{path}' is truncated: expected {int(np.prod(dims))} bytes of "
+                    f"data, found {body.size}")
+  return body.reshape(dims)
+
+
+class ArraySource(Source):
+  """In-memory arrays: images (N, H, W, C) uint8, optional labels and captions."""
+
+  def __init__(self, images, labels=None, captions=None, num_classes=0, description="arrays"):
+    self.images = np.asarray(images)
+    if self.images.ndim == 3:
+      self.images = self.images[..., None]
+    self.labels = None if labels is None else np.asarray(labels, np.int32)
+    self.captions = captions
+    self.num_classes = int(num_classes or (int(self.labels.max()) + 1
+                                           if self.labels is not None else 0))
+    self.description = f"{description}: {len(self.images)} images"
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    example = {"image": self.images[index]}
+    if self.labels is not None:
+      example["label"] = int(self.labels[index])
+    if self.captions is not None:
+      example["caption"] = self.captions[index]
+    return example
+
+
+def mnist_source(folder: str, split: str, channels: int = 1) -> ArraySource:
+  """MNIST from the canonical IDX files in `folder` ('train' or 't10k')."""
+  if not os.path.isdir(folder):
+    raise DataError(f"data.path: MNIST folder '{folder}' does not exist")
+  prefix = {"train": "train", "t10k": "t10k", "test": "t10k"}.get(split)
+  if prefix is None:
+    raise DataError(f"data.split: MNIST splits are 'train' and 't10k', got '{split}'")
+  paths = {}
+  for kind, stem in (("images", "images-idx3-ubyte"), ("labels", "labels-idx1-ubyte")):
+    candidates = [os.path.join(folder, f"{prefix}-{stem}{ext}") for ext in (".gz", "")]
+    found = [c for c in candidates if os.path.exists(c)]
+    if not found:
+      raise DataError(f"data.path: '{folder}' has no {candidates[0]} (MNIST {split} {kind})")
+    paths[kind] = found[0]
+  images = _to_channels(read_idx(paths["images"])[..., None], channels)
+  labels = read_idx(paths["labels"])
+  if len(labels) != len(images):
+    raise DataError(f"data: MNIST {split} has {len(images)} images but {len(labels)} labels")
+  return ArraySource(images, labels, num_classes=10, description=f"MNIST {split} ({folder})")
+
+
+def packaged_mnist_dir() -> str:
+  """The folder of the MNIST test-set IDX files shipped inside ldm_jax (no download)."""
+  return str(importlib.resources.files("ldm_jax") / "assets")
+
+
+class TfdsSource(Source):
+  """A tensorflow-datasets catalog dataset read by random access from ArrayRecord files."""
+
+  def __init__(self, name, split, data_dir="", manual_dir="", prepare=True, image_key="image",
+               label_key="label", caption_key="", channels=3):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    except Exception as e:
+      raise DataError(f"data.tfds_name: cannot make tfds builder '{name}': {e}") from e
+    if not builder.is_prepared():
+      if not prepare:
+        raise DataError(f"data.tfds_name: '{name}' is not prepared in "
+                        f"{builder.data_dir}; set data.prepare=True to build it")
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+      try:
+        builder.download_and_prepare(download_config=config)
+      except Exception as e:
+        raise DataError(f"data: preparing tfds '{name}' failed (data_dir='{data_dir}', "
+                        f"manual_dir='{manual_dir}'): {e}") from e
+    if builder.info.file_format is not None and "array_record" not in str(
+        builder.info.file_format).lower():
+      raise DataError(f"data.tfds_name: '{name}' in {builder.data_dir} is prepared as "
+                      f"{builder.info.file_format}; random access needs ArrayRecord: prepare it "
+                      f"again into another data_dir (data.prepare=True does)")
+    self.source = builder.as_data_source(split=split)
+    features = builder.info.features
+    if image_key not in features:
+      raise DataError(f"data.image_key: tfds '{name}' has no feature '{image_key}' (features: "
+                      f"{sorted(features.keys())})")
+    self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
+    self.channels = channels
+    self.num_classes = 0
+    if label_key:
+      if label_key not in features:
+        raise DataError(f"data.label_key: tfds '{name}' has no feature '{label_key}' "
+                        f"(features: {sorted(features.keys())}); set data.label_key='' for "
+                        f"unlabelled data")
+      self.num_classes = int(getattr(features[label_key], "num_classes", 0) or 0)
+    self.description = f"tfds {name} {split}: {len(self.source)} examples"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    raw = self.source[int(index)]
+    image = np.asarray(raw[self.image_key])
+    example = {"image": _to_channels(image.astype(np.uint8), self.channels)}
+    if self.label_key:
+      example["label"] = int(raw[self.label_key])
+    if self.caption_key:
+      value = raw
+      for part in self.caption_key.split("/"):
+        value = value[part]
+      value = np.asarray(value).reshape(-1)
+      text = value[0] if value.size else b""
+      example["caption"] = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    return example
+
+
+class Subset(Source):
+  """Examples [start, stop) of another source."""
+
+  def __init__(self, source: Source, start: int, stop: int):
+    self.source, self.start, self.stop = source, start, stop
+    self.num_classes = source.num_classes
+    self.description = f"{source.description} [{start}:{stop}]"
+
+  def __len__(self):
+    return self.stop - self.start
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    return self.source[self.start + index]
+
+
+_SPLIT = re.compile(r"^(?P<name>[^\[\]]*)(\[(?P<start>[^:\]]*):(?P<stop>[^\]]*)\])?$")
+
+
+def parse_split(split: str):
+  """'train[:90%]' -> ('train', ':90%' parts) as (name, start, stop) strings."""
+  m = _SPLIT.match(split.strip())
+  if not m:
+    raise DataError(f"data.split: cannot parse '{split}' (expected 'name' or 'name[a:b]' with "
+                    f"integers or percentages)")
+  return m.group("name"), m.group("start"), m.group("stop")
+
+
+def _bound(text, n, default, split):
+  if text is None or text == "":
+    return default
+  try:
+    value = float(text[:-1]) * n / 100 if text.endswith("%") else int(text)
+  except ValueError as e:
+    raise DataError(f"data.split: bad slice bound '{text}' in '{split}'") from e
+  value = int(round(value))
+  return max(0, min(n, value + n if value < 0 else value))
+
+
+def slice_source(source: Source, split: str, start, stop) -> Source:
+  if start is None and stop is None:
+    return source
+  n = len(source)
+  a, b = _bound(start, n, 0, split), _bound(stop, n, n, split)
+  if b <= a:
+    raise DataError(f"data.split: '{split}' selects no examples of the {n} available")
+  return Subset(source, a, b)
+
+
+def open_source(data_config, split: str) -> Source:
+  """The source for `split` of the configured dataset, with any slice applied."""
+  d = data_config
+  name, start, stop = parse_split(split)
+  if d.source == "tfds":
+    # tfds understands the full split syntax itself.
+    return TfdsSource(d.tfds_name, split, d.data_dir, d.manual_dir, d.prepare, d.image_key,
+                      d.label_key, d.caption_key, d.channels)
+  if d.source == "image_folder":
+    root = os.path.join(d.path, name) if name else d.path
+    if name and not os.path.isdir(root):
+      raise DataError(f"data.split: image folder '{d.path}' has no sub-folder '{name}' "
+                      f"(use split='' for the folder itself)")
+    source = ImageFolderSource(root, d.channels)
+  elif d.source == "mnist":
+    source = mnist_source(d.path, name, d.channels)
+  elif d.source == "packaged_mnist":
+    if name not in ("t10k", "test"):
+      raise DataError(f"data.split: the packaged MNIST digits are the 't10k' split (10,000 "
+                      f"test digits), got '{name}'")
+    source = mnist_source(packaged_mnist_dir(), "t10k", d.channels)
+  else:
+    raise DataError(f"data.source: unknown source '{d.source}'")
+  return slice_source(source, split, start, stop)
