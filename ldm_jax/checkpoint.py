@@ -1,0 +1,132 @@
+"""Orbax checkpoints of training runs: async saves, resume onto any mesh, clear errors.
+
+A training checkpoint is a Composite of the train state (as a nested dict, so it restores into
+any mesh's shardings) and JSON metadata (data-iterator position, config, stage facts).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax
+import jax
+import orbax.checkpoint as ocp
+
+from ldm_jax.parallel.sharding import path_str
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_str(p): tuple(getattr(leaf, "shape", ())) for p, leaf in flat}
+
+
+def check_compatible(saved: dict[str, tuple], wanted: dict[str, tuple], where: str):
+  """Raises CheckpointError listing missing/unexpected arrays and shape mismatches."""
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))  # noqa
+  missing = order(set(wanted) - set(saved))
+  unexpected = order(set(saved) - set(wanted))
+  shapes = [f"{k}: checkpoint {saved[k]} vs model {wanted[k]}"
+            for k in order(set(saved) & set(wanted)) if saved[k] != wanted[k]]
+  problems = []
+  if missing:
+    problems.append(f"missing in checkpoint: {', '.join(missing[:3])}"
+                    + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+  if unexpected:
+    problems.append(f"not in this model: {', '.join(unexpected[:3])}"
+                    + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
+  if shapes:
+    problems.append("shape mismatch: " + "; ".join(shapes[:3])
+                    + (f" (+{len(shapes) - 3} more)" if len(shapes) > 3 else ""))
+  if problems:
+    raise CheckpointError(f"{where} does not match this config: " + " | ".join(problems))
+
+
+class Checkpointer:
+  """An Orbax CheckpointManager over `directory` with the project's error handling."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"checkpoint folder '{self.directory}' does not exist")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_save,
+                                           create=not read_only, read_only=read_only)
+    # Named handlers let a fresh manager read what an earlier process wrote (metadata included).
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict[str, Any], force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                              meta=ocp.args.JsonSave(meta))
+    return self.manager.save(int(step), args=args, force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(int(step))
+
+  def _where(self, step):
+    return f"checkpoint '{os.path.join(self.directory, str(step))}'"
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{self.directory}'")
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+          "meta"]
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} has unreadable metadata "
+                            f"({type(e).__name__}: {_first_line(e)})") from e
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores (state, meta) into the shardings of `abstract_state` (ShapeDtypeStructs)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{self.directory}'")
+    target = flax.serialization.to_state_dict(abstract_state)
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      saved_tree = getattr(metadata, "tree", metadata)
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} is unreadable ({type(e).__name__}: "
+                            f"{_first_line(e)}); delete that folder to resume from an earlier "
+                            f"step {self._earlier(step)}") from e
+    if saved_tree is None:
+      raise CheckpointError(f"{self._where(step)} has no state metadata; it is corrupt or was "
+                            f"not written by ldm_jax")
+    check_compatible(_flat_shapes(saved_tree), _flat_shapes(target), self._where(step))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} is corrupt or unreadable ({type(e).__name__}: "
+                            f"{_first_line(e)}); delete that folder to resume from an earlier "
+                            f"step {self._earlier(step)}") from e
+    state = flax.serialization.from_state_dict(abstract_state, restored["state"])
+    return state, restored["meta"]
+
+  def _earlier(self, step):
+    earlier = [s for s in self.all_steps() if s < step]
+    return f"(available: {earlier})" if earlier else "(there is none)"
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""

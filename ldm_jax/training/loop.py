@@ -1,0 +1,290 @@
+"""The training loop both stages share: data -> sharded batch -> jitted step -> metrics and
+checkpoints, with automatic resume, preemption handling and divergence checks."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ldm_jax import config as config_lib
+from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
+from ldm_jax.data.sources import open_source
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import sharding as sharding_lib
+from ldm_jax.training import reporting
+from ldm_jax.training.stages import build_stage
+
+logger = logging.getLogger("ldm_jax")
+
+
+class TrainingDiverged(FloatingPointError):
+  """A loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM (and SIGINT once); the loop then saves and stops cleanly."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handler)
+
+  def _handler(self, signum, frame):
+    del frame
+    if self.raised and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+      raise KeyboardInterrupt
+    logger.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.raised = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _abstract_batch(local_batch, sharding):
+  n = jax.process_count()
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype, sharding=sharding)
+          for k, v in local_batch.items()}
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  keys = history[0].keys()
+  return {k: float(np.mean([h[k] for h in history])) for k in keys}
+
+
+def _check_finite(step_metrics: list[tuple[int, dict]], last_saved: int | None, workdir: str):
+  for step, metrics in step_metrics:
+    for key, value in metrics.items():
+      if not math.isfinite(float(value)):
+        saved = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
+                 else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: {key} = {float(value)} at step {step}; {saved} in "
+            f"{workdir}/checkpoints and nothing later was saved. Lower train.lr, set "
+            f"train.grad_clip, or check the data")
+
+
+class Trainer:
+  """Holds a run's mesh, stage, data, state and checkpointer; `train()` runs it."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    self.config = config_lib.validate(config)
+    self.workdir = os.path.abspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self.mesh = mesh_lib.create_mesh(config.mesh, devices)
+    n_shards = mesh_lib.num_batch_shards(self.mesh)
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % n_shards:
+      raise config_lib.ConfigError(
+          f"train.batch_size / train.grad_accum = {micro} must be divisible by the {n_shards} "
+          f"devices of the mesh")
+    self.stage = build_stage(config, self.mesh)
+    self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self.replicated = mesh_lib.replicated(self.mesh)
+    self.rules = config.mesh.rules or sharding_lib.DEFAULT_RULES
+    self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                     keep=config.train.keep_checkpoints,
+                                     async_save=config.train.async_checkpointing)
+    self._build_data()
+    self._build_state()
+    self._compile()
+
+  # -- set-up ----------------------------------------------------------------------------------
+  def _build_data(self):
+    c = self.config
+    self.train_source = open_source(c.data, c.data.split)
+    self.eval_source = open_source(c.data, c.data.eval_split) if c.data.eval_split else None
+    self.pipeline = InputPipeline(self.train_source, self.stage.example_fn(train=True),
+                                  global_batch=c.train.batch_size, seed=c.seed,
+                                  shuffle=c.data.shuffle, num_threads=c.data.num_threads,
+                                  prefetch=c.data.prefetch)
+    logger.info("training data: %s", self.train_source.description)
+    if self.eval_source is not None:
+      logger.info("evaluation data: %s", self.eval_source.description)
+
+  def _shardings(self, tree):
+    return sharding_lib.tree_shardings(tree, self.mesh, self.rules,
+                                       self.config.mesh.min_shard_size)
+
+  def _build_state(self):
+    c = self.config
+    first = self.pipeline.batch_at(0)
+    self.abstract_batch = _abstract_batch(first, self.batch_sharding)
+    rng = jax.random.PRNGKey(c.seed)
+    abstract_state = jax.eval_shape(self.stage.init, rng, self.abstract_batch)
+    self.state_shardings = self._shardings(abstract_state)
+    self.frozen_shardings = self._shardings(self.stage.frozen)
+    self.frozen = jax.device_put(self.stage.frozen, self.frozen_shardings)
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      target = _with_shardings(abstract_state, self.state_shardings)
+      self.state, meta = self.checkpointer.restore(target, latest)
+      self.pipeline.set_state(meta["data"])
+      logger.info("resumed from %s/checkpoints step %d", self.workdir, latest)
+    else:
+      init = jax.jit(self.stage.init, out_shardings=self.state_shardings)
+      state = init(rng, to_global(first, self.batch_sharding))
+      prepare = jax.jit(self.stage.prepare, out_shardings=self.state_shardings)
+      self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)
+    self.start_step = int(self.state.step)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    for line in sharding_lib.describe(abstract_state.params, self._shardings(
+        abstract_state.params)):
+      logger.debug("sharded: %s", line)
+
+  def _compile(self):
+    st, fr, bt = self.state_shardings, self.frozen_shardings, self.batch_sharding
+    rep = self.replicated
+    self.train_step = jax.jit(self.stage.train_step, in_shardings=(st, bt, fr),
+                              out_shardings=(st, rep), donate_argnums=(0,))
+    self.eval_step = jax.jit(self.stage.eval_step, in_shardings=(st, bt, fr), out_shardings=rep)
+    self.summary_fn = jax.jit(self.stage.summaries, in_shardings=(st, bt, fr),
+                              out_shardings=rep)
+
+  # -- the loop --------------------------------------------------------------------------------
+  def _meta(self) -> dict[str, Any]:
+    return {"data": self.pipeline.get_state(), "stage": self.config.stage,
+            "config": json.loads(self.config.to_json_best_effort())}
+
+  def save(self, step: int, force: bool = False) -> bool:
+    saved = self.checkpointer.save(step, self.state, self._meta(), force=force)
+    if saved:
+      self.last_saved = step
+    return saved
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    c = self.config
+    if self.eval_source is None:
+      return {}
+    results = []
+    for local in eval_batches(self.eval_source, self.stage.example_fn(train=False),
+                              global_batch=c.train.batch_size, num_batches=c.train.eval_batches,
+                              seed=c.seed):
+      results.append(jax.device_get(self.eval_step(self.state, to_global(
+          local, self.batch_sharding), self.frozen)))
+    out = {f"eval/{k}": v for k, v in _mean_metrics(results).items()}
+    self.writer.write_scalars(step, out)
+    logger.info("eval at step %d: %s", step, _fmt(out))
+    return out
+
+  def write_images(self, step: int, batch):
+    images = jax.device_get(self.summary_fn(self.state, batch, self.frozen))
+    ncols = self.config.train.num_summary_images
+    grids = {name: reporting.image_grid(value, ncols=min(ncols, len(value)))
+             for name, value in images.items()}
+    self.writer.write_images(step, {k: v[None] for k, v in grids.items()})
+    if jax.process_index() == 0:
+      for name, grid in grids.items():
+        reporting.save_png(os.path.join(self.workdir, "images", f"{name}_{step:08d}.png"), grid)
+    return grids
+
+  def train(self) -> list[dict[str, float]]:
+    """Trains to config.train.num_steps (resuming if checkpoints exist); returns the logged
+    metrics, one dict per logged step (with its 'step')."""
+    c, t = self.config, self.config.train
+    self.writer = reporting.create_writer(self.workdir)
+    metrics_log = reporting.MetricsLog(self.workdir)
+    self.last_saved = self.checkpointer.latest_step()
+    step = self.start_step
+    if step == 0:
+      reporting.log_parameter_overview(self.state.params, f"{self.stage.name} parameters")
+      self.writer.write_hparams({k: v for k, v in _flat_config(c).items()})
+    progress = reporting.Progress(t.num_steps, step, t.batch_size, self.writer)
+    preempt = _PreemptionFlag()
+    pending: list[tuple[int, Any]] = []   # per-step metrics still on device
+    history: list[dict[str, float]] = []
+    logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
+                self.workdir)
+    try:
+      while step < t.num_steps:
+        batch = to_global(next(self.pipeline), self.batch_sharding)
+        self.state, metrics = self.train_step(self.state, batch, self.frozen)
+        step += 1
+        pending.append((step, metrics))
+        stop = preempt.raised or self.checkpointer.reached_preemption(step)
+        flush = step % t.log_every == 0 or step == t.num_steps or stop
+        ckpt = step % t.ckpt_every == 0 or step == t.num_steps or stop
+        if flush or ckpt:
+          host = [(s, jax.device_get(m)) for s, m in pending]
+          pending = []
+          _check_finite(host, self.last_saved, self.workdir)
+          if flush:
+            mean = _mean_metrics([m for _, m in host])
+            self.writer.write_scalars(step, mean)
+            metrics_log.write(step, mean)
+            history.append({"step": step, **mean})
+            logger.info("step %d: %s", step, _fmt(mean))
+            progress(step)
+        if ckpt:
+          self.save(step, force=True)
+        if self.eval_source is not None and (step % t.eval_every == 0 or step == t.num_steps):
+          self.evaluate(step)
+        if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
+          self.write_images(step, self._summary_batch(batch))
+        if stop:
+          logger.warning("stopped at step %d after a preemption signal; checkpoint saved. Run "
+                         "the same command again to resume.", step)
+          break
+    finally:
+      preempt.restore()
+      self.checkpointer.wait()
+      self.writer.flush()
+    return history
+
+  def _summary_batch(self, train_batch):
+    if self.eval_source is None:
+      return train_batch
+    local = next(eval_batches(self.eval_source, self.stage.example_fn(train=False),
+                              global_batch=self.config.train.batch_size, num_batches=1,
+                              seed=self.config.seed))
+    return to_global(local, self.batch_sharding)
+
+  def close(self):
+    self.pipeline.close()
+    self.checkpointer.close()
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+def _flat_config(config, prefix="") -> dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      out.update(_flat_config(value, f"{prefix}{key}."))
+    elif isinstance(value, (int, float, str, bool)):
+      out[f"{prefix}{key}"] = value
+    else:
+      out[f"{prefix}{key}"] = str(value)
+  return out
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> list[dict[str, float]]:
+  """Builds a Trainer for `config` in `workdir` and trains it; returns the logged metrics."""
+  t0 = time.time()
+  trainer = Trainer(config, workdir, devices)
+  try:
+    history = trainer.train()
+  finally:
+    trainer.close()
+  logger.info("done in %.1f s", time.time() - t0)
+  return history

@@ -1,0 +1,97 @@
+"""What the shared training loop needs from a stage, and gradient accumulation for all stages."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.config import ConfigError
+
+
+class Stage:
+  """A trainable stage. The loop jits these methods with explicit shardings:
+
+    init(rng, batch) -> TrainState
+    train_step(state, batch, frozen) -> (state, metrics)       (state donated)
+    eval_step(state, batch, frozen) -> metrics
+    summaries(state, batch, frozen) -> {name: images (N, H, W, C) in [-1, 1]}
+
+  `frozen` holds arrays the stage uses but never trains or checkpoints (LPIPS weights, the
+  frozen autoencoder of stage 2); it is passed as an argument rather than closed over so it is
+  not baked into the compiled program as a constant.
+  """
+  name = "stage"
+
+  def __init__(self, config, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.frozen: Any = {}
+
+  def example_fn(self, train: bool):
+    raise NotImplementedError
+
+  def prepare(self, state, batch, frozen):
+    """A one-off transformation of a freshly initialised state (e.g. scale_by_std)."""
+    return state
+
+  def inference_params(self, state) -> dict:
+    """The parameters an inference export keeps (EMA weights when there are any)."""
+    raise NotImplementedError
+
+
+def split_microbatches(batch, k: int):
+  """(B, ...) -> (k, B // k, ...), where micro-batch j takes examples j, j + k, j + 2k, ...
+
+  Taking every k-th example keeps each micro-batch spread evenly over all devices (with the batch
+  sharded in contiguous blocks), so the split needs no communication.
+  """
+  def one(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(one, batch)
+
+
+def accumulate_gradients(grad_fn: Callable, params, model_state, batch, rng, k: int):
+  """Averages grad_fn's gradients and metrics over k micro-batches (lax.scan when k > 1).
+
+  grad_fn(params, model_state, microbatch, rng) -> (grads, model_state, metrics); model_state
+  (batch statistics, codebook statistics) is threaded through the micro-batches in order.
+  """
+  if k == 1:
+    return grad_fn(params, model_state, batch, rng)
+  micro = split_microbatches(batch, k)
+
+  def body(carry, xs):
+    grads_sum, state, metrics_sum = carry
+    mb, i = xs
+    grads, state, metrics = grad_fn(params, state, mb, jax.random.fold_in(rng, i))
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
+    return (add(grads_sum, grads), state, add(metrics_sum, metrics)), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grad_fn, params, model_state, first, rng)
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0], shapes[2]))
+  (grads, model_state, metrics), _ = jax.lax.scan(
+      body, (zeros[0], model_state, zeros[1]), (micro, jnp.arange(k)))
+  scale = lambda t: jax.tree_util.tree_map(lambda x: x / k, t)  # noqa: E731
+  return scale(grads), model_state, scale(metrics)
+
+
+_BUILDERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def wrap(builder):
+    _BUILDERS[name] = builder
+    return builder
+  return wrap
+
+
+def build_stage(config, mesh) -> Stage:
+  """The Stage for `config.stage` (imports the stage modules on first use)."""
+  # pylint: disable=g-import-not-at-top,unused-import
+  from ldm_jax.training import stage1  # noqa: F401
+  if config.stage not in _BUILDERS:
+    raise ConfigError(f"stage: no trainer for '{config.stage}' (known: {sorted(_BUILDERS)})")
+  return _BUILDERS[config.stage](config, mesh)

@@ -1,0 +1,40 @@
+"""Trains a stage from a config; rerunning the same command resumes from the workdir.
+
+  python train.py --config=configs/ae_kl8_imagenet.py --workdir=runs/ae_kl8
+  python train.py --config=configs/ldm_kl8_imagenet.py --workdir=runs/ldm_kl8 \
+      --config.first_stage.checkpoint=runs/ae_kl8
+  python train.py --config=configs/tiny_ae.py:vq --workdir=/tmp/x --config.train.num_steps=10
+
+Any config field can be overridden with --config.<field>=<value>; see docs/config.md.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder for checkpoints, logs and images; a rerun with "
+                    "the same workdir resumes from its latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # pylint: disable=g-import-not-at-top
+  from ldm_jax.cli import friendly_errors, setup_logging
+  from ldm_jax.parallel.mesh import maybe_initialize_distributed
+  from ldm_jax.training.loop import train_and_evaluate
+  setup_logging()
+  maybe_initialize_distributed()
+  with friendly_errors():
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
