@@ -364,6 +364,15 @@ def _check_autoencoder(config):
                       f"{m.vq_ema_decay}")
 
 
+def use_tfds(config, name: str, *, split: str = "train", eval_split: str = "",
+             label_key: str = "label", caption_key: str = ""):
+  """Points `config.data` at a tfds catalog dataset (shared by the shipped experiment files)."""
+  d = config.data
+  d.source, d.tfds_name, d.split, d.eval_split = "tfds", name, split, eval_split
+  d.label_key, d.caption_key = label_key, caption_key
+  return config
+
+
 def to_markdown() -> str:
   """Documentation of every field of every stage, as docs/config.md shows it."""
   lines = ["# Config fields", "",

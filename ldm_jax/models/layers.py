@@ -1,0 +1,95 @@
+"""Building blocks shared by the autoencoder and the UNet (NHWC throughout).
+
+Parameters are float32; `dtype` is the compute dtype (bfloat16 for mixed precision). Norms are
+computed in float32 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def group_norm(name: str | None = None, eps: float = 1e-6, groups: int = 32):
+  """GroupNorm(32) in float32, as the reference autoencoder (eps 1e-6) and UNet (eps 1e-5) use."""
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, name=name)
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, padding="SAME", dtype=jnp.float32,
+         name: str | None = None, use_bias: bool = True, kernel_init=None):
+  kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, name=name, **kw)
+
+
+class ResnetBlock(nn.Module):
+  """The autoencoder's ResNet block: (GN, swish, conv3x3) x 2 with dropout, 1x1 shortcut."""
+  out_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.swish(group_norm("norm1")(x)).astype(self.dtype)
+    h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
+    h = nn.swish(group_norm("norm2")(h)).astype(self.dtype)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, kernel=1, dtype=self.dtype, name="nin_shortcut")(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv after padding one row/column at the bottom/right (the reference's
+  asymmetric padding), or 2x2 average pooling when `with_conv` is False."""
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.with_conv:
+      return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return conv(x.shape[-1], stride=2, padding="VALID", dtype=self.dtype, name="conv")(x)
+
+
+def upsample_nearest(x, factor: int = 2):
+  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then (optionally) a 3x3 conv."""
+  with_conv: bool = True
+  out_channels: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.with_conv:
+      x = conv(self.out_channels or x.shape[-1], dtype=self.dtype, name="conv")(x)
+    return x
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, shape (B, dim)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def maybe_remat(module_cls, remat: bool, static_argnums=()):
+  """jax.remat (gradient checkpointing) of a module class when `remat` is set."""
+  return nn.remat(module_cls, static_argnums=static_argnums) if remat else module_cls
+
+
+zeros_init = jax.nn.initializers.zeros

@@ -1,0 +1,261 @@
+"""Stage 1: the autoencoder and its PatchGAN discriminator, updated in one jitted step.
+
+The generator's gradient is assembled from three backward passes that never repeat work: the
+reconstruction NLL (through LPIPS) and the adversarial loss (through the discriminator) are each
+differentiated only as far back as the decoder's last conv (where the adaptive weight compares
+their gradient norms), and one pass through the decoder trunk and encoder carries their weighted
+sum plus the KL / codebook term. The discriminator is updated on the same batch against the
+pre-update reconstructions (the reference recomputes them after the generator update).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.data.preprocess import image_example_fn
+from ldm_jax.evaluation import metrics as image_metrics
+from ldm_jax.losses import autoencoder as losses
+from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, apply_codebook_restarts
+from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.training import optim
+from ldm_jax.training.stages import Stage, accumulate_gradients, register
+from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_autoencoder(model_config, *, image_size: int, channels: int, dtype=jnp.float32,
+                      attention_impl: str | None = None):
+  """AutoencoderKL or VQModel from `config.model` (usable without a training config)."""
+  m = model_config
+  kw = dict(ch=m.ch, out_ch=channels, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+            attn_resolutions=tuple(m.attn_resolutions), z_channels=m.z_channels,
+            embed_dim=m.embed_dim, resolution=image_size, dropout=m.dropout, dtype=dtype,
+            remat=m.remat, attention_impl=attention_impl)
+  if m.type == "kl":
+    return AutoencoderKL(**kw)
+  return VQModel(n_embed=m.n_embed, beta=m.vq_beta, ema_decay=m.vq_ema_decay,
+                 restart_dead=m.vq_restart_dead, dead_threshold=m.vq_dead_threshold, **kw)
+
+
+def build_discriminator(disc_config, dtype=jnp.float32):
+  d = disc_config
+  return NLayerDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm,
+                             dtype=dtype)
+
+
+def reconstruct(ae, variables, x, is_vq: bool):
+  """Deterministic reconstruction (posterior mode / quantised latent) and its extra metrics."""
+  if is_vq:
+    x_rec, qloss, info = ae.apply(variables, x, False)
+    return x_rec, {"codebook_loss": qloss, "perplexity": info["perplexity"]}
+  posterior = ae.apply(variables, x, False, method="encode")
+  x_rec = ae.apply(variables, posterior.mode(), False, method="decode")
+  return x_rec, {"kl": losses.kl_loss(posterior)}
+
+
+@register("autoencoder")
+class AutoencoderStage(Stage):
+  """Trains AutoencoderKL / VQModel with L1 (or L2) + LPIPS + KL / VQ + PatchGAN losses."""
+  name = "autoencoder"
+
+  def __init__(self, config, mesh):
+    super().__init__(config, mesh)
+    m, l, t = config.model, config.loss, config.train
+    self.dtype = DTYPES[t.compute_dtype]
+    self.is_vq = m.type == "vq"
+    self.ae = build_autoencoder(m, image_size=config.data.image_size,
+                                channels=config.data.channels, dtype=self.dtype)
+    self.disc = build_discriminator(config.disc, self.dtype)
+    self.lpips = None
+    if l.lpips_weight > 0:
+      from ldm_jax.models.lpips import LPIPS, load_lpips_params  # pylint: disable=g-import-not-at-top
+      self.lpips = LPIPS(dtype=self.dtype)
+      self.frozen = {"lpips": load_lpips_params(l.lpips_weights)}
+    self.d_loss = losses.D_LOSSES[l.gan_loss]
+    labels = {"ae": "gen", "disc": "disc", "logvar": "gen" if l.learn_logvar else "frozen"}
+    self.tx = optax.multi_transform(
+        {"gen": optim.optimizer(t), "disc": optim.optimizer(t, lr=config.disc.lr),
+         "frozen": optax.set_to_zero()}, labels)
+
+  # -- data and state --------------------------------------------------------------------------
+  def example_fn(self, train: bool):
+    return image_example_fn(self.config.data, train)
+
+  def init(self, rng, batch) -> TrainState:
+    x = batch["image"][:1]
+    r_ae, r_disc, r_sample = jax.random.split(jax.random.fold_in(rng, 0), 3)
+    ae_vars = self.ae.init({"params": r_ae, "sample": r_sample, "dropout": r_sample}, x)
+    disc_vars = self.disc.init(r_disc, x, train=False)
+    params = {"ae": ae_vars["params"], "disc": disc_vars["params"],
+              "logvar": jnp.asarray(self.config.loss.logvar_init, jnp.float32)}
+    model_state = {"vq": ae_vars.get("vq", {}), "disc": disc_vars.get("batch_stats", {})}
+    ema = params["ae"] if self.config.train.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), ema_params=ema,
+                      model_state=model_state, rng=rng)
+
+  def ae_variables(self, params_ae, model_state):
+    variables = {"params": params_ae}
+    if self.is_vq:
+      variables["vq"] = model_state["vq"]
+    return variables
+
+  # -- training --------------------------------------------------------------------------------
+  def _grads(self, params, model_state, batch, rng, step, frozen):
+    """Gradients of one (micro-)batch for the autoencoder, the discriminator and logvar."""
+    l = self.config.loss
+    x = batch["image"]
+    r_sample, r_drop, r_restart = jax.random.split(rng, 3)
+    rngs = {"dropout": r_drop, "restart": r_restart}
+    gan = losses.gan_factor(step, l.disc_start, l.disc_factor)
+    disc_stats = model_state["disc"]
+
+    # 1. Encoder -> latent -> decoder features before conv_out, kept for one backward pass.
+    def trunk(ae_params):
+      variables = self.ae_variables(ae_params, model_state)
+      if self.is_vq:
+        h_pre = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
+        (zq, reg, info), updated = self.ae.apply(variables, h_pre, True, method="quantize_latent",
+                                                 rngs=rngs, mutable=["vq"])
+        h = self.ae.apply(variables, zq, True, method="decode_features", rngs=rngs)
+        aux = {"vq": updated["vq"], "perplexity": info["perplexity"],
+               "codebook_usage": info["codebook_usage"]}
+      else:
+        posterior = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
+        z = posterior.sample(r_sample)
+        h = self.ae.apply(variables, z, True, method="decode_features", rngs=rngs)
+        reg = losses.kl_loss(posterior)
+        aux = {"vq": {}}
+      return (h, reg), aux
+
+    (h, reg), trunk_vjp, aux = jax.vjp(trunk, params["ae"], has_aux=True)
+    head_params = params["ae"]["decoder"]["conv_out"]
+
+    def head(hp, feats):
+      return self.ae.apply({"params": {"decoder": {"conv_out": hp}}}, feats, method="decode_head")
+
+    # 2. Reconstruction NLL, differentiated back to conv_out and its input features.
+    def nll_fn(hp, feats, logvar):
+      x_rec = head(hp, feats)
+      rec = losses.pixel_loss(x, x_rec, l.rec_loss)
+      perceptual = None
+      if self.lpips is not None:
+        perceptual = self.lpips.apply({"params": frozen["lpips"]}, x, x_rec)
+      nll = losses.reconstruction_nll(rec, perceptual, l.lpips_weight, logvar,
+                                      "mean" if self.is_vq else "sum")
+      return nll, (x_rec, jnp.mean(rec), perceptual)
+
+    nll, nll_vjp, (x_rec, rec_loss, perceptual) = jax.vjp(
+        nll_fn, head_params, h, params["logvar"], has_aux=True)
+    g_head, g_h, g_logvar = nll_vjp(jnp.ones_like(nll))
+
+    # 3. The GAN terms, skipped at run time (lax.cond) before disc_start.
+    def with_gan(_):
+      def g_fn(hp, feats):
+        logits = self.disc.apply({"params": params["disc"], "batch_stats": disc_stats},
+                                 head(hp, feats), True, mutable=["batch_stats"])[0]
+        return losses.generator_adversarial_loss(logits)
+
+      g_loss, g_vjp = jax.vjp(g_fn, head_params, h)
+      g_head_adv, g_h_adv = g_vjp(jnp.ones_like(g_loss))
+      if l.adaptive_weight:
+        weight = losses.adaptive_weight(g_head["kernel"], g_head_adv["kernel"], l.disc_weight)
+      else:
+        weight = jnp.asarray(l.disc_weight, jnp.float32)
+
+      def d_fn(disc_params):
+        fake = jax.lax.stop_gradient(x_rec)
+        real_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": disc_stats},
+                                           x, True, mutable=["batch_stats"])
+        stats = upd.get("batch_stats", disc_stats)
+        fake_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": stats},
+                                           fake, True, mutable=["batch_stats"])
+        stats = upd.get("batch_stats", stats)
+        d_loss = gan * self.d_loss(real_logits, fake_logits)
+        return d_loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+      (d_loss, (stats, real, fake)), g_disc = jax.value_and_grad(d_fn, has_aux=True)(
+          params["disc"])
+      return (g_head_adv, g_h_adv, g_disc, stats,
+              {"g_loss": g_loss, "d_weight": weight, "d_loss": d_loss, "logits_real": real,
+               "logits_fake": fake})
+
+    def without_gan(_):
+      shapes = jax.eval_shape(with_gan, None)
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      return zeros[:3] + (disc_stats,) + zeros[4:]
+
+    g_head_adv, g_h_adv, g_disc, disc_stats, gan_metrics = jax.lax.cond(
+        gan > 0, with_gan, without_gan, None)
+    coef = gan_metrics["d_weight"] * gan
+
+    # 4. One backward pass through the trunk with the weighted sum of both cotangents.
+    reg_weight = l.codebook_weight if self.is_vq else l.kl_weight
+    (g_ae,) = trunk_vjp(((g_h + coef * g_h_adv).astype(h.dtype),
+                         jnp.asarray(reg_weight, reg.dtype)))
+    g_ae = dict(g_ae)
+    g_ae["decoder"] = dict(g_ae["decoder"])
+    g_ae["decoder"]["conv_out"] = jax.tree_util.tree_map(
+        lambda trunk_g, a, b: trunk_g + a + coef * b, g_ae["decoder"]["conv_out"], g_head,
+        g_head_adv)
+
+    grads = {"ae": g_ae, "disc": g_disc, "logvar": g_logvar}
+    new_state = {"vq": aux["vq"] if self.is_vq else model_state["vq"], "disc": disc_stats}
+    metrics = {
+        "loss": nll + reg_weight * reg + coef * gan_metrics["g_loss"],
+        "nll_loss": nll, "rec_loss": rec_loss,
+        "psnr": jnp.mean(image_metrics.psnr(x, x_rec)),
+        "disc_factor": gan, "logvar": params["logvar"], **gan_metrics,
+    }
+    if perceptual is not None:
+      metrics["lpips"] = jnp.mean(perceptual)
+    if self.is_vq:
+      metrics.update(codebook_loss=reg, perplexity=aux["perplexity"],
+                     codebook_usage=aux["codebook_usage"])
+    else:
+      metrics["kl_loss"] = reg
+    return grads, new_state, metrics
+
+  def train_step(self, state: TrainState, batch, frozen):
+    t = self.config.train
+    rng = state.step_rng()
+    grad_fn = lambda p, ms, b, r: self._grads(p, ms, b, r, state.step, frozen)  # noqa: E731
+    grads, model_state, metrics = accumulate_gradients(
+        grad_fn, state.params, state.model_state, batch, rng, t.grad_accum)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if self.is_vq and self.config.model.vq_restart_dead:
+      params = {**params, "ae": apply_codebook_restarts(params["ae"], model_state["vq"])}
+    ema = state.ema_params
+    if ema is not None:
+      ema = ema_update(ema, params["ae"], ema_decay_at(state.step, t.ema_decay, t.ema_warmup))
+    metrics["grad_norm"] = optax.global_norm(grads["ae"])
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                        model_state=model_state)
+    return new, metrics
+
+  # -- evaluation ------------------------------------------------------------------------------
+  def eval_variables(self, state: TrainState):
+    params = state.ema_params if state.ema_params is not None else state.params["ae"]
+    return self.ae_variables(params, state.model_state)
+
+  def eval_step(self, state, batch, frozen):
+    x = batch["image"]
+    x_rec, extra = reconstruct(self.ae, self.eval_variables(state), x, self.is_vq)
+    out = {"rec_loss": jnp.mean(jnp.abs(x - x_rec)),
+           "psnr": jnp.mean(image_metrics.psnr(x, x_rec)),
+           "ssim": jnp.mean(image_metrics.ssim(x, x_rec)), **extra}
+    if self.lpips is not None:
+      out["lpips"] = jnp.mean(self.lpips.apply({"params": frozen["lpips"]}, x, x_rec))
+    return out
+
+  def summaries(self, state, batch, frozen):
+    n = self.config.train.num_summary_images
+    x = batch["image"][:n]
+    x_rec, _ = reconstruct(self.ae, self.eval_variables(state), x, self.is_vq)
+    return {"reconstructions": jnp.concatenate([x, jnp.clip(x_rec, -1, 1)], axis=0)}
+
+  def inference_params(self, state) -> dict:
+    return {"autoencoder": self.eval_variables(state)}
