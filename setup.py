@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",
     "tensorflow-datasets>=4.9.10,<5",
     "array_record>=0.8",         # random-access tfds sources
+    "importlib_resources",       # needed by tfds (etils) when it prepares a dataset
     "clu==0.0.12",
     # clu.metric_writers and clu.periodic_actions import TensorFlow; the CPU build is enough
     # because TensorFlow only writes event files here and never touches an accelerator.

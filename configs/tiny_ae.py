@@ -10,14 +10,7 @@ from ldm_jax import config as config_lib
 
 def get_config(variant: str = "kl"):
   c = config_lib.defaults("autoencoder")
-  c.data.source = "packaged_mnist"
-  c.data.split = "t10k[:9000]"
-  c.data.eval_split = "t10k[9000:]"
-  c.data.image_size = 32
-  c.data.channels = 1
-  c.data.resize_mode = "pad"
-  c.data.random_flip = False
-  c.data.num_threads = 4
+  config_lib.use_packaged_mnist(c, image_size=32)
 
   c.model.type = variant
   c.model.ch = 32

@@ -5,7 +5,9 @@ any mesh's shardings) and JSON metadata (data-iterator position, config, stage f
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -115,6 +117,29 @@ class Checkpointer:
     state = flax.serialization.from_state_dict(abstract_state, restored["state"])
     return state, restored["meta"]
 
+  def restore_subtree(self, target: dict, step: int | None = None) -> dict:
+    """Restores only the arrays of `target` (a nested dict of ShapeDtypeStructs with shardings
+    whose paths exist in the saved state, e.g. {'ema_params': ...}); the rest is not read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in '{self.directory}'")
+    try:
+      saved = _flat_shapes(getattr(self.manager.item_metadata(step)["state"], "tree", None))
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} is unreadable ({type(e).__name__}: "
+                            f"{_first_line(e)})") from e
+    wanted = _flat_shapes(target)
+    check_compatible({k: v for k, v in saved.items() if k in wanted}, wanted, self._where(step))
+    restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),
+                                          target)
+    try:
+      return ocp.PyTreeCheckpointer().restore(
+          os.path.join(self.directory, str(step), "state"),
+          args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+      raise CheckpointError(f"{self._where(step)} is corrupt or unreadable ({type(e).__name__}: "
+                            f"{_first_line(e)})") from e
+
   def _earlier(self, step):
     earlier = [s for s in self.all_steps() if s < step]
     return f"(available: {earlier})" if earlier else "(there is none)"
@@ -130,3 +155,113 @@ class Checkpointer:
 def _first_line(e: Exception) -> str:
   text = str(e).strip()
   return text.splitlines()[0][:300] if text else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference exports: the weights a sampler needs, without optimizer state or training data.
+# ---------------------------------------------------------------------------------------------
+INFERENCE_FORMAT = "ldm_jax.inference"
+INFERENCE_VERSION = 1
+
+
+def is_inference_export(directory: str) -> bool:
+  try:
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+      return json.load(f).get("format") == INFERENCE_FORMAT
+  except (OSError, ValueError):
+    return False
+
+
+def save_inference(directory: str, variables: dict, *, config, meta: dict,
+                   extra_files: dict[str, str] | None = None):
+  """Writes an inference export: params/ (Orbax), config.json, meta.json and extra files.
+
+  `variables` maps component names ('unet', 'autoencoder', 'cond') to their Flax variables.
+  `extra_files` maps names inside the export to files to copy (a tokenizer, for example).
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, "params")):
+    raise CheckpointError(f"export folder '{directory}' already holds an export; choose another "
+                          f"--out or delete it")
+  os.makedirs(directory, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, "params"), variables)
+  checkpointer.wait_until_finished()
+  for name, source in (extra_files or {}).items():
+    shutil.copyfile(source, os.path.join(directory, name))
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+              else json.dumps(config, indent=2))
+    full = {"format": INFERENCE_FORMAT, "version": INFERENCE_VERSION,
+            "components": sorted(variables), **meta}
+    with open(os.path.join(directory, "meta.json"), "w", encoding="utf-8") as f:
+      json.dump(full, f, indent=2)
+  return directory
+
+
+def read_inference_meta(directory: str) -> tuple[dict, dict]:
+  """(meta, config dict) of an export, with clear errors for a folder that is not one."""
+  path = os.path.join(directory, "meta.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+  except FileNotFoundError as e:
+    raise CheckpointError(f"'{directory}' is not an ldm_jax inference export (missing "
+                          f"{os.path.basename(e.filename)})") from e
+  except ValueError as e:
+    raise CheckpointError(f"'{path}' is not valid JSON: {e}") from e
+  if meta.get("format") != INFERENCE_FORMAT:
+    raise CheckpointError(f"'{directory}' is not an ldm_jax inference export (meta.json format "
+                          f"{meta.get('format')!r})")
+  if meta.get("version", 0) > INFERENCE_VERSION:
+    raise CheckpointError(f"'{directory}' was written by a newer ldm_jax (export version "
+                          f"{meta['version']} > {INFERENCE_VERSION}); upgrade ldm_jax")
+  return meta, config
+
+
+def load_inference(directory: str, components=None, sharding_fn=None):
+  """Loads (variables, meta, config dict) of an export.
+
+  `components` restricts the load to some components ('autoencoder' alone for a frozen first
+  stage). `sharding_fn(tree_of_ShapeDtypeStruct) -> tree of shardings` places the arrays (on
+  one device when None).
+  """
+  meta, config = read_inference_meta(directory)
+  params_dir = os.path.join(os.path.abspath(directory), "params")
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(params_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+    if tree is None:
+      tree = metadata.item_metadata
+  except Exception as e:
+    raise CheckpointError(f"export '{directory}' has unreadable params ({type(e).__name__}: "
+                          f"{_first_line(e)})") from e
+  wanted = set(components) if components else set(tree)
+  missing = wanted - set(tree)
+  if missing:
+    raise CheckpointError(f"export '{directory}' has no {sorted(missing)} (it holds "
+                          f"{sorted(tree)})")
+  abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+      {k: tree[k] for k in wanted})
+  if sharding_fn is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+  else:
+    shardings = sharding_fn(abstract)
+  target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                    sharding=s),
+                                  abstract, shardings)
+  restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),
+                                        target)
+  try:
+    variables = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+        target, restore_args=restore_args, partial_restore=True))
+  except Exception as e:
+    raise CheckpointError(f"export '{directory}' is corrupt or unreadable ({type(e).__name__}: "
+                          f"{_first_line(e)})") from e
+  return variables, meta, config

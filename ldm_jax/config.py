@@ -72,6 +72,8 @@ _COMMON = {
         "label_key": F("label", "tfds feature holding the class label ('' = no labels)."),
         "caption_key": F("", "tfds feature holding captions, '/'-separated for nested features "
                          "('captions/text'); '' = no captions."),
+        "segmentation_key": F("", "tfds feature holding an integer semantic map aligned with "
+                              "the image (segmentation conditioning); '' = none."),
         "image_size": F(256, "Side of the square training images in pixels."),
         "channels": F(3, "Image channels: 3 (RGB) or 1 (grey).", choices=(1, 3)),
         "resize_mode": F("short_side", "'short_side': resize the shorter side to image_size, "
@@ -181,12 +183,119 @@ _AUTOENCODER = {
     },
 }
 
-_STAGE_SCHEMAS = {"autoencoder": _AUTOENCODER}
+# --------------------------------------------------------------------------------------------
+# Stage 2: the latent diffusion model.
+# --------------------------------------------------------------------------------------------
+_LDM = {
+    "first_stage": {
+        "checkpoint": F("", "The frozen autoencoder: a stage-1 workdir (its latest checkpoint "
+                        "and config.json are read) or an inference export (ldm_jax.export)."),
+        "use_ema": F(True, "Use the stage-1 EMA weights when the checkpoint has them."),
+        "sample_posterior": F(True, "KL first stages: train on posterior samples (the "
+                              "reference) rather than the posterior mean."),
+        "precompute_latents": F(False, "Encode the training split once (centre crops) into a "
+                                "latent cache and train from it: no autoencoder forward pass "
+                                "per step. KL posteriors are cached as moments and still "
+                                "sampled every step; data.random_flip flips latents."),
+        "latent_cache": F("", "Folder of the latent cache ('' = <workdir>/latents). Must be "
+                          "visible to every host, like the checkpoints."),
+    },
+    "unet": {
+        "model_channels": F(256, "Base channels of the UNet."),
+        "channel_mult": F((1, 2, 4), "Channel multiplier per resolution level."),
+        "num_res_blocks": F(2, "ResBlocks per level on the way down (one more on the way up)."),
+        "attention_resolutions": F((4, 2, 1), "DOWNSAMPLE FACTORS (1 = latent resolution) at "
+                                   "which attention follows each ResBlock, as in the "
+                                   "reference."),
+        "num_heads": F(-1, "Attention heads (used when num_head_channels is -1)."),
+        "num_head_channels": F(32, "Channels per attention head; -1 uses num_heads."),
+        "use_spatial_transformer": F(True, "SpatialTransformer blocks (self + cross-attention + "
+                                     "GEGLU) instead of plain self-attention blocks. Needed for "
+                                     "class or text context."),
+        "transformer_depth": F(1, "Transformer blocks per SpatialTransformer."),
+        "use_linear_proj": F(False, "Linear instead of 1x1-conv proj_in/proj_out in the "
+                             "SpatialTransformer (Stable Diffusion 2 style)."),
+        "use_scale_shift_norm": F(False, "Time embedding as scale and shift of the ResBlock "
+                                  "norm (FiLM) instead of added."),
+        "resblock_updown": F(False, "Resample inside ResBlocks instead of separate conv "
+                             "layers."),
+        "conv_resample": F(True, "Learned 3x3 convs around resampling (else pooling/nearest)."),
+        "dropout": F(0.0, "Dropout inside ResBlocks and transformer blocks."),
+        "remat": F(False, "Gradient checkpointing (jax.remat) per block: less memory, ~30% "
+                   "more compute."),
+        "attention_impl": F("xla", "'xla' everywhere; 'cudnn' for the fused flash-attention "
+                            "kernel on NVIDIA GPUs (bfloat16 compute).",
+                            choices=("xla", "cudnn")),
+    },
+    "diffusion": {
+        "timesteps": F(1000, "Discrete diffusion steps T."),
+        "beta_schedule": F("linear", "'linear' = the reference's (square of a linspace of "
+                           "square roots), 'cosine', 'sqrt_linear', 'sqrt'.",
+                           choices=("linear", "cosine", "sqrt_linear", "sqrt")),
+        "linear_start": F(0.0015, "First beta of the linear schedules."),
+        "linear_end": F(0.0195, "Last beta of the linear schedules."),
+        "cosine_s": F(8e-3, "Offset s of the cosine schedule."),
+        "parameterization": F("eps", "What the UNet predicts.", choices=("eps", "x0", "v")),
+        "loss_type": F("l2", "Distance between the UNet output and its target (mean over "
+                       "elements).", choices=("l2", "l1")),
+        "loss_weighting": F("none", "Per-timestep weights: none, or Min-SNR-gamma (Hang et al. "
+                            "2023).", choices=("none", "min_snr")),
+        "min_snr_gamma": F(5.0, "Gamma of min_snr weighting."),
+        "scale_factor": F(1.0, "Latents are multiplied by this before diffusion (0.18215 for "
+                          "the Stable Diffusion KL-f8)."),
+        "scale_by_std": F(False, "Set the scale factor to 1 / std of the first global batch's "
+                          "latents at the start of training; it is stored in the checkpoint."),
+    },
+    "cond": {
+        "type": F("none", "Conditioning: none; class (labels -> embedder -> cross-attention); "
+                  "adm (labels added to the time embedding); text (captions -> transformer -> "
+                  "cross-attention); concat (a spatial condition concatenated to the latent); "
+                  "hybrid (concat + cross-attention).",
+                  choices=("none", "class", "adm", "text", "concat", "hybrid")),
+        "context": F("class", "hybrid: what feeds the cross-attention.", choices=("class", "text")),
+        "concat": F("lowres", "concat/hybrid: the spatial condition. lowres = the image "
+                    "downsampled to the latent grid (super-resolution); inpaint = encoded masked "
+                    "image + mask; segmentation = one-hot semantic map through a "
+                    "SpatialRescaler.", choices=("lowres", "inpaint", "segmentation")),
+        "num_classes": F(0, "Classes of class/adm conditioning; 0 takes the dataset's count."),
+        "embed_dim": F(512, "Width of the class/text context (the UNet's context_dim)."),
+        "p_uncond": F(0.1, "Probability of replacing an example's condition by the null "
+                      "condition in training, for classifier-free guidance (0 disables)."),
+        "null": F("learned", "The null condition: a learned embedding or zeros.",
+                  choices=("learned", "zeros")),
+        "text_tokenizer": F("vocab", "'vocab': a BERT WordPiece vocab.txt or tokenizer.json at "
+                            "text_vocab; 'train': train a WordPiece tokenizer on the training "
+                            "captions (saved to the workdir).", choices=("vocab", "train")),
+        "text_vocab": F("", "Tokenizer file for text_tokenizer='vocab' (e.g. bert-base-uncased "
+                        "vocab.txt)."),
+        "text_vocab_size": F(8192, "Vocabulary size of a trained tokenizer."),
+        "text_max_length": F(77, "Tokens per caption (padded/truncated)."),
+        "text_depth": F(8, "Transformer layers of the text encoder (the paper's 1.45B model: "
+                        "32)."),
+        "text_heads": F(8, "Attention heads of the text encoder."),
+        "seg_classes": F(0, "segmentation: number of classes of the semantic maps."),
+        "rescaler_stages": F(2, "segmentation: x0.5 bilinear resizing stages to the latent "
+                             "grid."),
+    },
+    "sample": {
+        "sampler": F("ddim", "Sampler for image summaries and sample.py defaults.",
+                     choices=("ddim", "ddpm", "plms", "dpmpp_2m")),
+        "steps": F(50, "Sampling steps (network evaluations per sample; ddpm always uses T)."),
+        "eta": F(0.0, "DDIM eta (0 = deterministic, 1 = DDPM-like noise)."),
+        "spacing": F("auto", "Timestep grid: 'uniform' and 'quad' are the reference's DDIM "
+                     "grids, 'logsnr' is uniform in log-SNR; 'auto' = logsnr for dpmpp_2m, "
+                     "uniform otherwise.", choices=("auto", "uniform", "quad", "logsnr")),
+        "guidance_scale": F(1.0, "Classifier-free guidance scale (1 = none)."),
+    },
+}
+
+_STAGE_SCHEMAS = {"autoencoder": _AUTOENCODER, "ldm": _LDM}
 
 # Defaults that differ from _COMMON's for a stage.
 _STAGE_OVERRIDES = {
-    "autoencoder": {"train.b1": 0.5, "train.b2": 0.9, "train.lr": 4.5e-6, "train.scale_lr": True,
-                    "data.random_flip": True},
+    "autoencoder": {"train.b1": 0.5, "train.b2": 0.9, "train.lr": 4.5e-6, "train.scale_lr": True},
+    # The reference's LDM recipe: lr 1e-6 per example times the batch, EMA 0.9999 with warm-up.
+    "ldm": {"train.lr": 1e-6, "train.scale_lr": True, "train.ema_decay": 0.9999},
 }
 
 STAGES = tuple(_STAGE_SCHEMAS)
@@ -370,6 +479,57 @@ def use_tfds(config, name: str, *, split: str = "train", eval_split: str = "",
   d = config.data
   d.source, d.tfds_name, d.split, d.eval_split = "tfds", name, split, eval_split
   d.label_key, d.caption_key = label_key, caption_key
+  return config
+
+
+@consistency_check("ldm")
+def _check_ldm(config):
+  cond, unet = config.cond, config.unet
+  if not config.first_stage.checkpoint:
+    raise ConfigError("first_stage.checkpoint: required (a stage-1 workdir or an export)")
+  _positive(config, "unet.model_channels", "unet.num_res_blocks", "diffusion.timesteps",
+            "sample.steps", "cond.embed_dim")
+  if unet.num_heads <= 0 and unet.num_head_channels <= 0:
+    raise ConfigError("unet.num_heads / unet.num_head_channels: set one of them")
+  context = cond.type in ("class", "text") or cond.type == "hybrid"
+  if context and not unet.use_spatial_transformer:
+    raise ConfigError(f"unet.use_spatial_transformer: cond.type='{cond.type}' feeds a "
+                      f"cross-attention context, which needs SpatialTransformer blocks")
+  text = cond.type == "text" or (cond.type == "hybrid" and cond.context == "text")
+  if text:
+    if cond.text_tokenizer == "vocab" and not cond.text_vocab:
+      raise ConfigError("cond.text_vocab: text conditioning with text_tokenizer='vocab' needs "
+                        "a vocab.txt or tokenizer.json path (or set text_tokenizer='train')")
+    if config.data.source == "tfds" and not config.data.caption_key:
+      raise ConfigError("data.caption_key: text conditioning needs the captions' tfds feature")
+    if cond.embed_dim % cond.text_heads:
+      raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
+                        f"({cond.embed_dim})")
+  uses_concat = cond.type in ("concat", "hybrid")
+  if uses_concat and cond.concat == "segmentation":
+    if cond.seg_classes <= 0:
+      raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
+    if config.data.source == "tfds" and not config.data.segmentation_key:
+      raise ConfigError("data.segmentation_key: segmentation conditioning needs the semantic "
+                        "maps' tfds feature")
+  if not 0.0 <= cond.p_uncond < 1.0:
+    raise ConfigError(f"cond.p_uncond: expected a probability in [0, 1), got {cond.p_uncond}")
+  if config.sample.steps > config.diffusion.timesteps:
+    raise ConfigError(f"sample.steps ({config.sample.steps}) exceeds diffusion.timesteps "
+                      f"({config.diffusion.timesteps})")
+  if config.first_stage.precompute_latents and uses_concat and cond.concat == "inpaint":
+    raise ConfigError("first_stage.precompute_latents: inpainting encodes a freshly masked "
+                      "image every step; train it with on-the-fly encoding")
+
+
+def use_packaged_mnist(config, *, image_size: int = 32, eval_digits: int = 1000):
+  """The MNIST test digits shipped in the package: all but the last `eval_digits` for
+  training, those for evaluation; padded from 28 px, grey, unflipped."""
+  d = config.data
+  d.source = "packaged_mnist"
+  d.split, d.eval_split = f"t10k[:{-eval_digits}]", f"t10k[{-eval_digits}:]"
+  d.image_size, d.channels, d.resize_mode, d.random_flip = image_size, 1, "pad", False
+  d.num_threads = 4
   return config
 
 

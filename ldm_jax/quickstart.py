@@ -15,13 +15,7 @@ from ldm_jax.cli import friendly_errors, setup_logging
 
 def autoencoder_config(steps: int | None = None):
   c = config_lib.defaults("autoencoder")
-  c.data.source = "packaged_mnist"
-  c.data.split = "t10k[:9000]"
-  c.data.eval_split = "t10k[9000:]"
-  c.data.image_size = 32
-  c.data.channels = 1
-  c.data.resize_mode = "pad"
-  c.data.random_flip = False
+  config_lib.use_packaged_mnist(c, image_size=32)
   c.model.ch = 32
   c.model.ch_mult = (1, 2, 2)
   c.model.num_res_blocks = 1

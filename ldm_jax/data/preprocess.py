@@ -36,11 +36,27 @@ def to_uint8(image) -> np.ndarray:
       np.uint8)
 
 
+def _resize_nearest(seg: np.ndarray, height: int, width: int) -> np.ndarray:
+  if seg.shape[:2] == (height, width):
+    return seg
+  return np.asarray(Image.fromarray(seg.astype(np.int32)).resize((width, height),
+                                                                 Image.Resampling.NEAREST))
+
+
 def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
                      resize_mode: str = "short_side", random_crop: bool = True,
-                     random_flip: bool = False) -> np.ndarray:
-  """A uint8 HWC image of any size -> float32 (size, size, C) in [-1, 1]."""
+                     random_flip: bool = False, aligned: np.ndarray | None = None):
+  """A uint8 HWC image of any size -> float32 (size, size, C) in [-1, 1].
+
+  `aligned` (an integer map of the image's height and width, e.g. a semantic segmentation)
+  gets the same resize (nearest), crop and flip; then (image, aligned) is returned.
+  """
   h, w = image.shape[:2]
+  if aligned is not None:
+    aligned = np.asarray(aligned)
+    aligned = aligned[..., 0] if aligned.ndim == 3 else aligned
+    if aligned.shape != (h, w):
+      raise ValueError(f"data: segmentation map {aligned.shape} does not match image {(h, w)}")
   if resize_mode == "short_side":
     scale = size / min(h, w)
     nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
@@ -50,29 +66,43 @@ def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
     else:
       top, left = (nh - size) // 2, (nw - size) // 2
     image = image[top:top + size, left:left + size]
+    if aligned is not None:
+      aligned = _resize_nearest(aligned, nh, nw)[top:top + size, left:left + size]
   elif resize_mode == "pad":
     image = _pad_or_crop(image, size)
+    if aligned is not None:
+      aligned = _pad_or_crop(aligned[..., None], size)[..., 0]
   elif resize_mode == "stretch":
     image = _resize(image, size, size)
+    if aligned is not None:
+      aligned = _resize_nearest(aligned, size, size)
   else:
     raise ValueError(f"data.resize_mode: unknown mode '{resize_mode}'")
   if random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
-  return to_float(image)
+    aligned = None if aligned is None else aligned[:, ::-1]
+  if aligned is None:
+    return to_float(image)
+  return to_float(image), np.ascontiguousarray(aligned).astype(np.int32)
 
 
 def image_example_fn(data_config, train: bool):
-  """Raw example -> {'image': float32 [-1, 1], 'label': int32 if labelled} per `config.data`.
+  """Raw example -> {'image': float32 [-1, 1], 'label': int32 if labelled, 'segmentation':
+  int32 map with the image's crop and flip if the example has one} per `config.data`.
 
   Evaluation (train=False) uses centre crops and no flips, so it sees the same pixels every time.
   """
   d = data_config
 
   def fn(example, rng):
-    out = {"image": preprocess_image(example["image"], rng, size=d.image_size,
-                                     resize_mode=d.resize_mode,
-                                     random_crop=train and d.random_crop,
-                                     random_flip=train and d.random_flip)}
+    kwargs = dict(size=d.image_size, resize_mode=d.resize_mode,
+                  random_crop=train and d.random_crop, random_flip=train and d.random_flip)
+    if "segmentation" in example:
+      image, seg = preprocess_image(example["image"], rng, aligned=example["segmentation"],
+                                    **kwargs)
+      out = {"image": image, "segmentation": seg}
+    else:
+      out = {"image": preprocess_image(example["image"], rng, **kwargs)}
     if "label" in example:
       out["label"] = np.int32(example["label"])
     return out

@@ -134,12 +134,14 @@ def read_idx(path: str) -> np.ndarray:
 class ArraySource(Source):
   """In-memory arrays: images (N, H, W, C) uint8, optional labels and captions."""
 
-  def __init__(self, images, labels=None, captions=None, num_classes=0, description="arrays"):
+  def __init__(self, images, labels=None, captions=None, num_classes=0, description="arrays",
+               segmentations=None):
     self.images = np.asarray(images)
     if self.images.ndim == 3:
       self.images = self.images[..., None]
     self.labels = None if labels is None else np.asarray(labels, np.int32)
     self.captions = captions
+    self.segmentations = segmentations
     self.num_classes = int(num_classes or (int(self.labels.max()) + 1
                                            if self.labels is not None else 0))
     self.description = f"{description}: {len(self.images)} images"
@@ -153,6 +155,8 @@ class ArraySource(Source):
       example["label"] = int(self.labels[index])
     if self.captions is not None:
       example["caption"] = self.captions[index]
+    if self.segmentations is not None:
+      example["segmentation"] = self.segmentations[index]
     return example
 
 
@@ -186,7 +190,7 @@ class TfdsSource(Source):
   """A tensorflow-datasets catalog dataset read by random access from ArrayRecord files."""
 
   def __init__(self, name, split, data_dir="", manual_dir="", prepare=True, image_key="image",
-               label_key="label", caption_key="", channels=3):
+               label_key="label", caption_key="", channels=3, segmentation_key=""):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
@@ -213,6 +217,10 @@ class TfdsSource(Source):
       raise DataError(f"data.image_key: tfds '{name}' has no feature '{image_key}' (features: "
                       f"{sorted(features.keys())})")
     self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
+    self.segmentation_key = segmentation_key
+    if segmentation_key and segmentation_key not in features:
+      raise DataError(f"data.segmentation_key: tfds '{name}' has no feature "
+                      f"'{segmentation_key}' (features: {sorted(features.keys())})")
     self.channels = channels
     self.num_classes = 0
     if label_key:
@@ -232,6 +240,8 @@ class TfdsSource(Source):
     example = {"image": _to_channels(image.astype(np.uint8), self.channels)}
     if self.label_key:
       example["label"] = int(raw[self.label_key])
+    if self.segmentation_key:
+      example["segmentation"] = np.asarray(raw[self.segmentation_key])
     if self.caption_key:
       value = raw
       for part in self.caption_key.split("/"):
@@ -299,7 +309,7 @@ def open_source(data_config, split: str) -> Source:
   if d.source == "tfds":
     # tfds understands the full split syntax itself.
     return TfdsSource(d.tfds_name, split, d.data_dir, d.manual_dir, d.prepare, d.image_key,
-                      d.label_key, d.caption_key, d.channels)
+                      d.label_key, d.caption_key, d.channels, d.segmentation_key)
   if d.source == "image_folder":
     root = os.path.join(d.path, name) if name else d.path
     if name and not os.path.isdir(root):

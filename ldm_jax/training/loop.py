@@ -94,7 +94,7 @@ class Trainer:
       raise config_lib.ConfigError(
           f"train.batch_size / train.grad_accum = {micro} must be divisible by the {n_shards} "
           f"devices of the mesh")
-    self.stage = build_stage(config, self.mesh)
+    self.stage = build_stage(config, self.mesh, self.workdir)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self.replicated = mesh_lib.replicated(self.mesh)
     self.rules = config.mesh.rules or sharding_lib.DEFAULT_RULES
@@ -108,8 +108,11 @@ class Trainer:
   # -- set-up ----------------------------------------------------------------------------------
   def _build_data(self):
     c = self.config
-    self.train_source = open_source(c.data, c.data.split)
-    self.eval_source = open_source(c.data, c.data.eval_split) if c.data.eval_split else None
+    self.train_source = self.stage.adapt_source(open_source(c.data, c.data.split), train=True)
+    self.eval_source = None
+    if c.data.eval_split:
+      self.eval_source = self.stage.adapt_source(open_source(c.data, c.data.eval_split),
+                                                 train=False)
     self.pipeline = InputPipeline(self.train_source, self.stage.example_fn(train=True),
                                   global_batch=c.train.batch_size, seed=c.seed,
                                   shuffle=c.data.shuffle, num_threads=c.data.num_threads,

@@ -60,8 +60,8 @@ class AutoencoderStage(Stage):
   """Trains AutoencoderKL / VQModel with L1 (or L2) + LPIPS + KL / VQ + PatchGAN losses."""
   name = "autoencoder"
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
+  def __init__(self, config, mesh, workdir: str | None = None):
+    super().__init__(config, mesh, workdir)
     m, l, t = config.model, config.loss, config.train
     self.dtype = DTYPES[t.compute_dtype]
     self.is_vq = m.type == "vq"

@@ -23,13 +23,20 @@ class Stage:
   """
   name = "stage"
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, workdir: str | None = None):
     self.config = config
     self.mesh = mesh
+    self.workdir = workdir
     self.frozen: Any = {}
 
   def example_fn(self, train: bool):
     raise NotImplementedError
+
+  def adapt_source(self, source, train: bool):
+    """Sees the opened data source before init (class count, caches); returns the source to
+    iterate."""
+    del train
+    return source
 
   def prepare(self, state, batch, frozen):
     """A one-off transformation of a freshly initialised state (e.g. scale_by_std)."""
@@ -88,10 +95,10 @@ def register(name: str):
   return wrap
 
 
-def build_stage(config, mesh) -> Stage:
+def build_stage(config, mesh, workdir: str | None = None) -> Stage:
   """The Stage for `config.stage` (imports the stage modules on first use)."""
   # pylint: disable=g-import-not-at-top,unused-import
-  from ldm_jax.training import stage1  # noqa: F401
+  from ldm_jax.training import stage1, stage2  # noqa: F401
   if config.stage not in _BUILDERS:
     raise ConfigError(f"stage: no trainer for '{config.stage}' (known: {sorted(_BUILDERS)})")
-  return _BUILDERS[config.stage](config, mesh)
+  return _BUILDERS[config.stage](config, mesh, workdir)

@@ -8,6 +8,7 @@ from PIL import Image
 from ldm_jax import config as config_lib
 from ldm_jax.data import sources
 from ldm_jax.data.sources import DataError
+from tests.helpers import NUMBER_WORDS, captioned_digits_tfds
 
 
 def test_image_folder_with_class_subfolders(cifar_folder):
@@ -109,41 +110,22 @@ def test_image_folder_split_subfolder(cifar_folder):
     sources.open_source(c.data, "test")
 
 
-def test_tfds_array_record_source(tmp_path, shared_data):
+def test_tfds_array_record_source(tmp_path):
   """A tfds dataset built in ArrayRecord format is read by random access (the catalog path)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-  digits = sources.mnist_source(str(shared_data / "mnist"), "t10k")
-
-  class TinyDigits(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(28, 28, 1)),
-          "label": tfds.features.ClassLabel(num_classes=10),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
-      }))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples(0, 40), "test": self._generate_examples(40, 50)}
-
-    def _generate_examples(self, start, stop):
-      for i in range(start, stop):
-        ex = digits[i]
-        yield i, {"image": ex["image"], "label": ex["label"],
-                  "captions": {"text": [f"a handwritten {ex['label']}"]}}
-
-  src = sources.TfdsSource("tiny_digits", "train[:30]", data_dir=str(tmp_path),
+  data_dir = captioned_digits_tfds(tmp_path, count=40)
+  digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
+  src = sources.TfdsSource("captioned_digits", "train[:30]", data_dir=data_dir,
                            caption_key="captions/text", channels=1)
   assert len(src) == 30 and src.num_classes == 10
-  whole = sources.TfdsSource("tiny_digits", "train", data_dir=str(tmp_path), channels=1)
+  whole = sources.TfdsSource("captioned_digits", "train", data_dir=data_dir, channels=1)
   # tfds stores examples in its own (hashed) order: compare the split as a multiset.
   assert sorted(whole[i]["label"] for i in range(40)) == sorted(
       digits[i]["label"] for i in range(40))
   ex = src[0]
   assert ex["image"].shape == (28, 28, 1)
-  assert ex["caption"] == f"a handwritten {ex['label']}"
+  assert ex["caption"] == f"a handwritten {NUMBER_WORDS[ex['label']]}"
   with pytest.raises(DataError, match="has no feature 'img'"):
-    sources.TfdsSource("tiny_digits", "train", data_dir=str(tmp_path), image_key="img")
+    sources.TfdsSource("captioned_digits", "train", data_dir=data_dir, image_key="img")
   with pytest.raises(DataError, match="is not prepared"):
-    sources.TfdsSource("tiny_digits", "train", data_dir=str(tmp_path / "other"), prepare=False)
+    sources.TfdsSource("captioned_digits", "train", data_dir=str(tmp_path / "other"),
+                       prepare=False)

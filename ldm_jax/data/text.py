@@ -1,0 +1,68 @@
+"""Captions to fixed-length token ids: a BERT WordPiece vocabulary file, or a WordPiece
+tokenizer trained on the dataset's own captions (saved as tokenizer.json). Offline only."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from ldm_jax.data.sources import DataError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID = 0  # both kinds put [PAD] first
+
+
+class TextTokenizer:
+  """encode(texts) -> (N, max_length) int32, [CLS] ... [SEP] then [PAD] (id 0)."""
+
+  def __init__(self, path: str, max_length: int):
+    self.path, self.max_length = path, max_length
+    if not os.path.isfile(path):
+      raise DataError(f"cond.text_vocab: tokenizer file '{path}' does not exist")
+    if path.endswith(".json"):
+      from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+      self._fast = Tokenizer.from_file(path)
+      self._fast.enable_padding(pad_id=PAD_ID, pad_token="[PAD]", length=max_length)
+      self._fast.enable_truncation(max_length)
+      self.vocab_size = self._fast.get_vocab_size()
+      self._bert = None
+      if self._fast.token_to_id("[PAD]") != PAD_ID:
+        raise DataError(f"cond.text_vocab: '{path}' does not map [PAD] to id {PAD_ID}")
+    else:
+      from transformers import BertTokenizer  # pylint: disable=g-import-not-at-top
+      # transformers 5.x: the vocabulary file goes in `vocab`; `vocab_file` is ignored.
+      self._bert = BertTokenizer(vocab=path)
+      with open(path, encoding="utf-8") as f:
+        lines = sum(1 for line in f if line.strip())
+      self.vocab_size = len(self._bert)
+      if self.vocab_size < lines or self._bert.pad_token_id != PAD_ID:
+        raise DataError(f"cond.text_vocab: '{path}' did not load as a BERT vocabulary "
+                        f"({self.vocab_size} tokens for {lines} lines, pad id "
+                        f"{self._bert.pad_token_id})")
+      self._fast = None
+
+  def encode(self, texts: Iterable[str]) -> np.ndarray:
+    texts = [str(t) for t in texts]
+    if self._fast is not None:
+      ids = [e.ids for e in self._fast.encode_batch(texts)]
+    else:
+      ids = self._bert(texts, padding="max_length", truncation=True,
+                       max_length=self.max_length)["input_ids"]
+    return np.asarray(ids, np.int32)
+
+
+def train_wordpiece(captions: Iterable[str], vocab_size: int, path: str) -> str:
+  """Trains a lower-casing WordPiece tokenizer on captions and saves it to `path` (json)."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top,g-multiple-import
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+  tok.train_from_iterator(captions, trainer=trainer)
+  cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path)
+  return path

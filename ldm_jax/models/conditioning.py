@@ -1,0 +1,109 @@
+"""Conditioning encoders tau_theta: class labels and text to a cross-attention context, and the
+spatial rescaler for concatenated conditions.
+
+Every encoder takes a `drop` mask (B,) bool: dropped examples get the null condition, which is
+how classifier-free guidance is trained (condition dropout) and sampled (the unconditional half
+of the batch). The null condition is a learned embedding ('learned') or zeros ('zeros').
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models.attention import CrossAttention
+from ldm_jax.models.layers import Dtype
+
+
+def _where(drop, null, value):
+  if drop is None:
+    return value
+  return jnp.where(drop.reshape((-1,) + (1,) * (value.ndim - 1)), null, value)
+
+
+class ClassEmbedder(nn.Module):
+  """Class labels (B,) -> one context token (B, 1, embed_dim). With null='learned' the table
+  has one extra row, index num_classes, for the unconditional label (as in cin256-v2)."""
+  num_classes: int
+  embed_dim: int
+  null: str = "learned"
+
+  @nn.compact
+  def __call__(self, labels, drop=None):
+    rows = self.num_classes + (1 if self.null == "learned" else 0)
+    table = nn.Embed(rows, self.embed_dim, param_dtype=jnp.float32, name="embedding")
+    emb = table(labels)[:, None, :]
+    if drop is None:
+      return emb
+    null = (table(jnp.full_like(labels, self.num_classes))[:, None, :]
+            if self.null == "learned" else jnp.zeros_like(emb))
+    return _where(drop, null, emb)
+
+
+class TextTransformer(nn.Module):
+  """Token ids (B, L) -> context (B, L, width) and its mask (B, L): token + learned position
+  embeddings, pre-LayerNorm transformer layers attending to non-padding tokens, final LayerNorm
+  (the paper's jointly trained text encoder). Padding is token id `pad_id`."""
+  vocab_size: int
+  max_length: int = 77
+  width: int = 512
+  depth: int = 8
+  heads: int = 8
+  pad_id: int = 0
+  null: str = "learned"
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, drop=None, train: bool = False):
+    b, length = tokens.shape
+    if length > self.max_length:
+      raise ValueError(f"text: {length} tokens exceed cond.text_max_length={self.max_length}")
+    mask = tokens != self.pad_id
+    x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32, name="token_embedding")(
+        tokens)
+    pos = self.param("position_embedding", nn.initializers.normal(0.01),
+                     (self.max_length, self.width))
+    x = (x + pos[:length]).astype(self.dtype)
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)  # noqa: E731
+    for i in range(self.depth):
+      h = norm(f"layers_{i}_norm1")(x).astype(self.dtype)
+      x = x + CrossAttention(self.heads, self.width // self.heads, self.dropout, self.dtype,
+                             name=f"layers_{i}_attn")(h, h, mask, train)
+      h = norm(f"layers_{i}_norm2")(x).astype(self.dtype)
+      h = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                   name=f"layers_{i}_fc1")(h)
+      h = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                   name=f"layers_{i}_fc2")(jax.nn.gelu(h))
+      x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    context = norm("final_norm")(x)
+    if self.null == "learned":
+      null = self.param("null_context", nn.initializers.normal(0.02),
+                        (self.max_length, self.width))[None, :length]
+    else:
+      null = jnp.zeros((1, length, self.width), context.dtype)
+    if drop is None:
+      return context, mask
+    context = _where(drop, jnp.broadcast_to(null, context.shape), context)
+    mask = _where(drop, jnp.ones_like(mask), mask)
+    return context, mask
+
+
+class SpatialRescaler(nn.Module):
+  """Resizes a spatial condition by `multiplier` n_stages times (bilinear), then optionally
+  maps its channels with a 1x1 conv (no bias): semantic maps to the latent grid."""
+  n_stages: int = 1
+  multiplier: float = 0.5
+  out_channels: int = 0
+  method: str = "bilinear"
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    for _ in range(self.n_stages):
+      b, h, w, c = x.shape
+      x = jax.image.resize(x, (b, round(h * self.multiplier), round(w * self.multiplier), c),
+                           self.method)
+    if self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), use_bias=False, name="channel_mapper")(x)
+    return x

@@ -1,0 +1,79 @@
+"""Conditioning encoders and tokenizers: null conditions, padding masks, rescaling, vocab files."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.data.sources import DataError
+from ldm_jax.data.text import PAD_ID, TextTokenizer, train_wordpiece
+from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TextTransformer
+
+KEY = jax.random.PRNGKey(0)
+
+
+def test_class_embedder_null_rows():
+  emb = ClassEmbedder(num_classes=5, embed_dim=8, null="learned")
+  labels = jnp.array([0, 4, 2])
+  variables = emb.init(KEY, labels)
+  table = variables["params"]["embedding"]["embedding"]
+  assert table.shape == (6, 8)  # one extra row: the learned unconditional class
+  out = emb.apply(variables, labels, jnp.array([False, True, False]))
+  assert out.shape == (3, 1, 8)
+  np.testing.assert_array_equal(out[0, 0], table[0])
+  np.testing.assert_array_equal(out[1, 0], table[5])
+  np.testing.assert_array_equal(out[2, 0], table[2])
+  zeros = ClassEmbedder(5, 8, null="zeros")
+  zv = zeros.init(KEY, labels)
+  np.testing.assert_array_equal(zeros.apply(zv, labels, jnp.array([True, False, True]))[0], 0)
+
+
+def test_text_transformer_ignores_padding_and_uses_null():
+  model = TextTransformer(vocab_size=20, max_length=6, width=16, depth=2, heads=2)
+  tokens = jnp.array([[2, 7, 9, 3, PAD_ID, PAD_ID]])
+  variables = jax.jit(model.init)(KEY, tokens)
+  apply = jax.jit(model.apply)
+  context, mask = apply(variables, tokens)
+  assert context.shape == (1, 6, 16)
+  np.testing.assert_array_equal(mask, [[True, True, True, True, False, False]])
+  # A different padding token value at masked positions leaves real tokens' features alone.
+  other = tokens.at[0, 5].set(PAD_ID)
+  np.testing.assert_allclose(apply(variables, other)[0][0, :4], context[0, :4], rtol=1e-6)
+  changed, _ = apply(variables, tokens.at[0, 1].set(8))
+  assert float(jnp.max(jnp.abs(changed[0, 0] - context[0, 0]))) > 1e-4  # words interact
+  null_ctx, null_mask = apply(variables, tokens, jnp.array([True]))
+  np.testing.assert_allclose(null_ctx[0], variables["params"]["null_context"], rtol=1e-6)
+  assert bool(null_mask.all())
+
+
+def test_spatial_rescaler_halves_per_stage_and_maps_channels():
+  seg = jax.nn.one_hot(jnp.zeros((1, 16, 16), jnp.int32).at[0, :8].set(3), 5)
+  rescaler = SpatialRescaler(n_stages=2, multiplier=0.5, out_channels=3)
+  variables = rescaler.init(KEY, seg)
+  out = rescaler.apply(variables, seg)
+  assert out.shape == (1, 4, 4, 3)
+  plain = SpatialRescaler(n_stages=1).apply({}, seg)
+  np.testing.assert_allclose(plain[0, 0, 0], [0, 0, 0, 1, 0], atol=1e-6)  # top half is class 3
+  np.testing.assert_allclose(plain[0, 7, 0], [1, 0, 0, 0, 0], atol=1e-6)
+
+
+def test_bert_vocab_tokenizer(tmp_path):
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "digit",
+                              "seven", "##s"]) + "\n")
+  tok = TextTokenizer(str(vocab), max_length=8)
+  assert tok.vocab_size == 9
+  ids = tok.encode(["A digit sevens", ""])
+  np.testing.assert_array_equal(ids, [[2, 5, 6, 7, 8, 3, 0, 0], [2, 3, 0, 0, 0, 0, 0, 0]])
+  with pytest.raises(DataError, match="tokenizer file '.*missing.txt' does not exist"):
+    TextTokenizer(str(tmp_path / "missing.txt"), 8)
+
+
+def test_trained_wordpiece_tokenizer(tmp_path):
+  captions = ["a red car on a road", "two red cars", "a dog on the road", "the dog runs"] * 5
+  path = train_wordpiece(captions, vocab_size=60, path=str(tmp_path / "tokenizer.json"))
+  tok = TextTokenizer(path, max_length=6)
+  ids = tok.encode(["a red dog", "the road runs on and on and on"])
+  assert ids.shape == (2, 6) and ids.dtype == np.int32
+  assert ids[0, 0] == 2 and ids[0, 4] == 3 and ids[0, 5] == PAD_ID  # [CLS] a red dog [SEP]
+  assert ids[1, -1] == 3  # truncated, still ends with [SEP]
+  assert len(set(ids[0, 1:4])) == 3 and 1 not in ids[0]  # known words, no [UNK]

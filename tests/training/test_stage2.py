@@ -1,0 +1,151 @@
+"""Stage-2 training: sharded steps equal single-device steps, the frozen autoencoder never
+changes, scale_by_std is computed from the first batch and restored on resume, the latent cache,
+and text conditioning with a tokenizer trained on the captions."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ldm_jax.checkpoint import load_inference
+from ldm_jax.data import sources
+from ldm_jax.data.preprocess import image_example_fn
+from ldm_jax.data.sources import DataError
+from ldm_jax.training.loop import Trainer, train_and_evaluate
+from tests.conftest import load_config
+from tests.helpers import captioned_digits_tfds, export_random_autoencoder
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+  """A random tiny KL autoencoder (f = 2) exported for stage 2."""
+  return export_random_autoencoder(tmp_path_factory.mktemp("ae") / "export", "kl",
+                                   image_size=16, ch_mult=(1, 2))
+
+
+def ldm_config(autoencoder, variant="class", **overrides):
+  c = load_config("tiny_ldm", variant)
+  c.first_stage.checkpoint = autoencoder
+  c.data.image_size, c.data.resize_mode = 16, "stretch"
+  c.data.eval_split = ""
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.ckpt_every = 2
+  c.mesh.fsdp = 2
+  c.mesh.min_shard_size = 0
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def losses(history):
+  return np.array([h["loss"] for h in history])
+
+
+def test_sharded_steps_equal_single_device_steps(autoencoder, tmp_path):
+  sharded = train_and_evaluate(ldm_config(autoencoder), str(tmp_path / "sharded"))
+  single = train_and_evaluate(ldm_config(autoencoder, mesh__fsdp=1), str(tmp_path / "single"),
+                              devices=jax.devices()[:1])
+  assert losses(sharded)[-1] < losses(sharded)[0]
+  np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+
+
+def test_frozen_autoencoder_is_bit_identical_and_not_checkpointed(autoencoder, tmp_path):
+  before, _, _ = load_inference(autoencoder)
+  trainer = Trainer(ldm_config(autoencoder, mesh__fsdp=1), str(tmp_path),
+                    devices=jax.devices()[:1])
+  try:
+    trainer.train()
+    after = jax.device_get(trainer.frozen["autoencoder"])
+    state_keys = set(trainer.state.params)
+  finally:
+    trainer.close()
+  for a, b in zip(jax.tree_util.tree_leaves(before["autoencoder"]),
+                  jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert state_keys == {"unet", "cond"}
+  reread, _, _ = load_inference(autoencoder)  # the export on disk is untouched too
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(reread)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scale_by_std_uses_the_first_batch_and_survives_resume(autoencoder, tmp_path):
+  config = ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=2)
+  trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  try:
+    stage, first = trainer.stage, trainer.stage.first
+    batch = trainer.pipeline.batch_at(0)
+    posterior = first.encode(first.variables, jnp.asarray(batch["image"]))
+    z = posterior.sample(jax.random.PRNGKey(0))
+    want = 1.0 / float(jnp.std(z))
+    scale = float(trainer.state.model_state["scale_factor"])
+    trainer.train()
+  finally:
+    trainer.close()
+  assert stage.config.diffusion.scale_by_std
+  np.testing.assert_allclose(scale, want, rtol=1e-5)
+  assert abs(scale - 1.0) > 0.01
+  resumed = Trainer(ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=4), str(tmp_path),
+                    devices=jax.devices()[:1])
+  try:
+    assert int(resumed.state.step) == 2
+    assert float(resumed.state.model_state["scale_factor"]) == scale
+  finally:
+    resumed.close()
+
+
+def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_path):
+  config = ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+                      data__split="t10k[:40]", train__num_steps=2)
+  history = train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert np.all(np.isfinite(losses(history)))
+  cache = tmp_path / "latents"
+  latents = np.load(cache / "latents.npy")
+  assert latents.shape == (40, 8, 8, 6)  # KL moments [mean | logvar] on the 8x8 grid
+  labels = np.load(cache / "labels.npy")
+  digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
+  np.testing.assert_array_equal(labels, digits.labels[:40])
+  trainer = Trainer(config, str(tmp_path / "check"), devices=jax.devices()[:1])
+  try:
+    first = trainer.stage.first
+    x = image_example_fn(config.data, False)(digits[3], np.random.default_rng(0))["image"]
+    posterior = first.encode(first.variables, jnp.asarray(x)[None])
+    np.testing.assert_allclose(latents[3], np.concatenate(
+        [posterior.mean[0], posterior.logvar[0]], -1), rtol=1e-4, atol=1e-5)
+  finally:
+    trainer.close()
+  mtime = os.path.getmtime(cache / "latents.npy")
+  train_and_evaluate(ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+                                data__split="t10k[:40]", train__num_steps=3),
+                     str(tmp_path), devices=jax.devices()[:1])
+  assert os.path.getmtime(cache / "latents.npy") == mtime  # reused, not re-encoded
+  with pytest.raises(DataError, match="was built from"):
+    Trainer(ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+                       data__split="t10k[:50]"), str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_text_conditioning_with_a_tokenizer_trained_on_captions(autoencoder, tmp_path):
+  data_dir = captioned_digits_tfds(tmp_path / "tfds")
+  config = ldm_config(autoencoder, "text", mesh__fsdp=1, train__num_steps=3)
+  config.data.source, config.data.tfds_name, config.data.data_dir = "tfds", "captioned_digits", \
+      data_dir
+  config.data.split, config.data.caption_key = "train", "captions/text"
+  config.train.image_every = 3
+  history = train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert np.all(np.isfinite(losses(history)))
+  tokenizer = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
+  vocab = tokenizer["model"]["vocab"]
+  assert "handwritten" in vocab and "seven" in vocab
+  assert list((tmp_path / "run" / "images").glob("samples_*.png"))
+
+
+def test_missing_first_stage_is_a_clear_error(tmp_path):
+  from ldm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CheckpointError, match="is not a folder"):
+    Trainer(ldm_config(str(tmp_path / "nowhere")), str(tmp_path / "run"))
+  (tmp_path / "notarun").mkdir()
+  with pytest.raises(CheckpointError, match="has no config.json"):
+    Trainer(ldm_config(str(tmp_path / "notarun")), str(tmp_path / "run"))
