@@ -117,17 +117,22 @@ class Checkpointer:
     state = flax.serialization.from_state_dict(abstract_state, restored["state"])
     return state, restored["meta"]
 
-  def restore_subtree(self, target: dict, step: int | None = None) -> dict:
-    """Restores only the arrays of `target` (a nested dict of ShapeDtypeStructs with shardings
-    whose paths exist in the saved state, e.g. {'ema_params': ...}); the rest is not read."""
+  def saved_shapes(self, step: int | None = None) -> dict[str, tuple]:
+    """'params/unet/...' -> shape of every array of a checkpoint, read from its metadata."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in '{self.directory}'")
     try:
-      saved = _flat_shapes(getattr(self.manager.item_metadata(step)["state"], "tree", None))
+      return _flat_shapes(getattr(self.manager.item_metadata(step)["state"], "tree", None))
     except Exception as e:
       raise CheckpointError(f"{self._where(step)} is unreadable ({type(e).__name__}: "
                             f"{_first_line(e)})") from e
+
+  def restore_subtree(self, target: dict, step: int | None = None) -> dict:
+    """Restores only the arrays of `target` (a nested dict of ShapeDtypeStructs with shardings
+    whose paths exist in the saved state, e.g. {'ema_params': ...}); the rest is not read."""
+    step = self.latest_step() if step is None else step
+    saved = self.saved_shapes(step)
     wanted = _flat_shapes(target)
     check_compatible({k: v for k, v in saved.items() if k in wanted}, wanted, self._where(step))
     restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),

@@ -2,7 +2,8 @@
 
 Every sampler takes the network as `model_fn(x, t, cond) -> output` (an eps, x0 or v prediction,
 named by `parameterization`), a Schedule, the starting noise x_T, and a PRNG key for the noise
-drawn along the way. Around the network sit, in one place for all samplers:
+drawn along the way: one key, or one key per example (B, 2) so that each sample's noise is its
+own whatever batch it is in. Around the network sit, in one place for all samplers:
 
   * classifier-free guidance: one network call on the batch [uncond, cond], then
     eps = eps_u + s (eps_c - eps_u), optionally rescaled (Lin et al. 2023);
@@ -121,11 +122,34 @@ class Mask:
   known: jax.Array
 
 
+def _fold_in(rng, i):
+  """fold_in for one key, or for a batch of per-example keys (B, 2)."""
+  if rng.ndim == 2:
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(rng)
+  return jax.random.fold_in(rng, i)
+
+
+def _split(rng):
+  if rng.ndim == 2:
+    pairs = jax.vmap(jax.random.split)(rng)
+    return pairs[:, 0], pairs[:, 1]
+  a, b = jax.random.split(rng)
+  return a, b
+
+
+def _normal(rng, x):
+  """Standard normal noise like x; with per-example keys each example draws its own, so a
+  sample never depends on the others in its batch."""
+  if rng.ndim == 2:
+    return jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], x.dtype))(rng)
+  return jax.random.normal(rng, x.shape, x.dtype)
+
+
 def _blend(x, mask: Mask | None, schedule, t, rng):
   """Replaces the known region of x by the known latent noised to level t."""
   if mask is None:
     return x
-  noise = jax.random.normal(rng, x.shape, x.dtype)
+  noise = _normal(rng, x)
   noised = process.q_sample(schedule, mask.known, t, noise)
   return mask.mask * noised + (1.0 - mask.mask) * x
 
@@ -175,11 +199,11 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, x_T, cond, rng, *, steps:
   fn = guided_model(model_fn, guidance)
 
   def step(x, row):
-    r_mask, r_noise = jax.random.split(jax.random.fold_in(rng, row["i"]))
+    r_mask, r_noise = _split(_fold_in(rng, row["i"]))
     x, eps, x0 = _denoise(fn, schedule, parameterization, x, row["t"], cond, mask, r_mask,
                           clip_x0)
     direction = jnp.sqrt(jnp.maximum(1.0 - row["a_prev"] - row["sigma"] ** 2, 0.0)) * eps
-    noise = row["sigma"] * jax.random.normal(r_noise, x.shape, x.dtype)
+    noise = row["sigma"] * _normal(r_noise, x)
     x = jnp.sqrt(row["a_prev"]) * x0 + direction + noise
     return x, (x if return_intermediates else None)
 
@@ -208,11 +232,11 @@ def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x_T, cond, rng, *,
   fn = guided_model(model_fn, guidance)
 
   def step(x, row):
-    r_mask, r_noise = jax.random.split(jax.random.fold_in(rng, row["t"]))
+    r_mask, r_noise = _split(_fold_in(rng, row["t"]))
     x, _, x0 = _denoise(fn, schedule, parameterization, x, row["t"], cond, mask, r_mask,
                         clip_x0)
     mean = row["coef_x0"] * x0 + row["coef_xt"] * x
-    noise = jax.random.normal(r_noise, x.shape, x.dtype)
+    noise = _normal(r_noise, x)
     noise = jnp.where(row["t"] > 0, jnp.exp(0.5 * row["log_var"]), 0.0) * noise
     return mean + noise, None
 
@@ -246,7 +270,7 @@ def plms_sample(model_fn: ModelFn, schedule: Schedule, x_T, cond, rng, *, steps:
     return jnp.sqrt(a_prev[i]) * x0 + jnp.sqrt(1 - a_prev[i]) * eps
 
   def blend(x, i):
-    return _blend(x, mask, schedule, _batch_t(t_desc[i], x), jax.random.fold_in(rng, i))
+    return _blend(x, mask, schedule, _batch_t(t_desc[i], x), _fold_in(rng, i))
 
   x = blend(x_T.astype(jnp.float32), 0)
   e0 = eps_at(x, t_desc[0])
@@ -311,7 +335,7 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: Schedule, x_T, cond, rng, *, st
   def step(carry, row):
     x, d_prev = carry
     x, _, d = _denoise(fn, schedule, parameterization, x, row["t"], cond, mask,
-                       jax.random.fold_in(rng, row["i"]), clip_x0)
+                       _fold_in(rng, row["i"]), clip_x0)
     d_mix = row["c_cur"] * d + row["c_prev"] * d_prev
     x = row["sigma_ratio"] * x + row["alpha_next_term"] * d_mix
     return (x, d), None

@@ -178,11 +178,16 @@ class LatentDiffusionStage(Stage):
   """Trains the UNet and the conditioning encoder on latents of the frozen autoencoder."""
   name = "ldm"
 
-  def __init__(self, config, mesh, workdir: str | None = None):
+  def __init__(self, config, mesh, workdir: str | None = None, first: FirstStage | None = None,
+               tokenizer_path: str | None = None):
+    """`first` and `tokenizer_path` override what the config names (inference exports carry
+    their own autoencoder and tokenizer)."""
     super().__init__(config, mesh, workdir)
     c = config
     self.dtype = DTYPES[c.train.compute_dtype]
-    self.first = load_first_stage(c.first_stage.checkpoint, c.first_stage.use_ema, self.dtype)
+    self._tokenizer_override = tokenizer_path
+    self.first = first or load_first_stage(c.first_stage.checkpoint, c.first_stage.use_ema,
+                                           self.dtype)
     logger.info("first stage: %s (%s, f=%d, %d latent channels)", self.first.source,
                 self.first.config.model.type, self.first.downsample_factor,
                 self.first.latent_channels)
@@ -236,8 +241,8 @@ class LatentDiffusionStage(Stage):
     c = self.config.cond
     if context_kind(c) != "text":
       return None
-    if c.text_tokenizer == "vocab":
-      return TextTokenizer(c.text_vocab, c.text_max_length)
+    if c.text_tokenizer == "vocab" or self._tokenizer_override:
+      return TextTokenizer(self.tokenizer_path, c.text_max_length)
     path = self.tokenizer_path
     if path is None:
       raise ConfigError("cond.text_tokenizer='train' needs a workdir to keep the tokenizer in")
@@ -256,6 +261,8 @@ class LatentDiffusionStage(Stage):
 
   @property
   def tokenizer_path(self) -> str | None:
+    if self._tokenizer_override:
+      return self._tokenizer_override
     if self.config.cond.text_tokenizer == "vocab":
       return self.config.cond.text_vocab
     return os.path.join(self.workdir, "tokenizer.json") if self.workdir else None
@@ -330,6 +337,14 @@ class LatentDiffusionStage(Stage):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), ema_params=ema,
                       model_state={"scale_factor": scale}, rng=rng)
+
+  def dummy_batch(self, b: int = 1) -> dict:
+    """A zero batch with every key init reads (for abstract inits when loading weights)."""
+    size, ch = self.config.data.image_size, self.first.channels
+    batch = {"image": jnp.zeros((b, size, size, ch)), "label": jnp.zeros((b,), jnp.int32)}
+    if self.tokenizer is not None:
+      batch["tokens"] = jnp.zeros((b, self.config.cond.text_max_length), jnp.int32)
+    return batch
 
   def _dummy_inputs(self, b: int = 1):
     """Zero UNet inputs of the right shapes (for init)."""
