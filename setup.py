@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "pillow>=10.0",
     "safetensors>=0.4",          # torch-free reading of .safetensors weights
+    "pyyaml>=5.1",               # CompVis model configs (ldm_jax.interop)
     "transformers>=5.0,<6",      # tokenizers only (5.x has no Flax models)
     "tokenizers>=0.20",
     "tensorflow-datasets>=4.9.10,<5",

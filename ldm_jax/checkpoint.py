@@ -55,9 +55,12 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"checkpoint folder '{self.directory}' does not exist")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_save,
-                                           create=not read_only, read_only=read_only)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save)
     # Named handlers let a fresh manager read what an earlier process wrote (metadata included).
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)

@@ -7,9 +7,11 @@ import sys
 from ldm_jax.checkpoint import CheckpointError
 from ldm_jax.config import ConfigError
 from ldm_jax.data.sources import DataError
+from ldm_jax.interop.weights import ConversionError
 
 # Errors whose message already says what is wrong and what to do: no traceback for these.
-KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError)
+KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError,
+                FloatingPointError)
 
 
 @contextlib.contextmanager
@@ -26,6 +28,8 @@ def setup_logging(level: str = "INFO"):
   import logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
+  # Orbax warns on every read-only open of a checkpoint folder, which sampling does on purpose.
+  logging.getLogger("absl").addFilter(lambda r: "is read only" not in r.getMessage())
   logger = logging.getLogger("ldm_jax")
   logger.setLevel(level)
   if not any(getattr(h, "_ldm_jax", False) for h in logger.handlers):

@@ -1,0 +1,198 @@
+"""ldm_jax modules, variables and configs from the architecture facts an importer has read.
+
+Both importers (CompVis, diffusers) describe a model by the ldm_jax fields it needs: a stage-1
+config for the autoencoder, UNet constructor fields for the UNet. From those this module builds
+the module, its expected parameter tree (jax.eval_shape of init, so nothing is allocated twice),
+fills it from a torch-named state dict, and writes the ldm_jax configs an export carries.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ldm_jax import config as config_lib
+from ldm_jax.interop import names
+from ldm_jax.interop.weights import UnsupportedError, state_to_params
+from ldm_jax.models.autoencoder import VectorQuantizer
+from ldm_jax.models.conditioning import ClassEmbedder
+from ldm_jax.models.unet import UNet, heads_for_level
+from ldm_jax.training.stage1 import build_autoencoder
+
+UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+               "attention_resolutions", "conv_resample", "num_classes", "use_scale_shift_norm",
+               "resblock_updown", "num_heads", "num_head_channels", "use_spatial_transformer",
+               "transformer_depth", "use_linear_proj")
+
+
+def _no_data(config, source: str):
+  """Converted models come without training data; data.path names where they came from."""
+  config.data.path = f"(none: weights converted from {source})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoder
+# ---------------------------------------------------------------------------------------------
+def autoencoder_config(*, kind: str, ch: int, ch_mult, num_res_blocks: int, attn_levels,
+                       z_channels: int, embed_dim: int, image_size: int, channels: int,
+                       n_embed: int = 0, source: str = "") -> ml_collections.ConfigDict:
+  """A validated stage-1 config. `attn_levels` are the levels with attention after each ResNet
+  block (ldm_jax names them by feature-map side, at the training image size)."""
+  c = config_lib.defaults("autoencoder")
+  m = c.model
+  m.type, m.ch, m.ch_mult = kind, int(ch), tuple(int(x) for x in ch_mult)
+  m.num_res_blocks, m.z_channels, m.embed_dim = int(num_res_blocks), int(z_channels), int(embed_dim)
+  m.attn_resolutions = tuple(int(image_size) // 2 ** i for i in sorted(attn_levels))
+  m.dropout = 0.0
+  if kind == "vq":
+    m.n_embed = int(n_embed)
+  c.data.image_size, c.data.channels = int(image_size), int(channels)
+  _no_data(c, source)
+  try:
+    return config_lib.validate(c)
+  except config_lib.ConfigError as e:
+    raise UnsupportedError(f"{source}: the autoencoder has no ldm_jax equivalent: {e}") from e
+
+
+def autoencoder_map(config, layout: str) -> list[names.Entry]:
+  m = config.model
+  return names.autoencoder_entries(ch=m.ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
+                                   attn_resolutions=m.attn_resolutions,
+                                   resolution=config.data.image_size, vq=m.type == "vq",
+                                   layout=layout)
+
+
+def autoencoder_module(config):
+  return build_autoencoder(config.model, image_size=config.data.image_size,
+                           channels=config.data.channels)
+
+
+def _vq_state(module) -> dict:
+  """The quantiser's 'vq' collection as module.init makes it (usage statistics etc.)."""
+  q = VectorQuantizer(module.n_embed, module.embed_dim, module.beta, module.ema_decay,
+                      module.restart_dead, module.dead_threshold)
+  init = q.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 1, 1, module.embed_dim)))
+  return {"quantize": init["vq"]}
+
+
+def autoencoder_variables(config, state, layout: str, where: str, prefix: str = "",
+                          ignore=()):
+  """(module, variables) of the autoencoder of `config` filled from `state`."""
+  module = autoencoder_module(config)
+  size = config.data.image_size
+  x = jax.ShapeDtypeStruct((1, size, size, config.data.channels), jnp.float32)
+  abstract = jax.eval_shape(lambda v: module.init({"params": jax.random.PRNGKey(0),
+                                                   "sample": jax.random.PRNGKey(0)}, v), x)
+  entries = names.prefixed(autoencoder_map(config, layout), prefix)
+  params = state_to_params(state, entries, abstract["params"], where, ignore)
+  variables = {"params": _device(params)}
+  if "vq" in abstract:
+    variables["vq"] = _vq_state(module)
+  return module, variables
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+# ---------------------------------------------------------------------------------------------
+def unet_module(fields: dict) -> UNet:
+  return UNet(**{k: fields[k] for k in UNET_FIELDS})
+
+
+def unet_variables(fields: dict, context_dim: int | None, state, layout: str, where: str,
+                   prefix: str = "", ignore=(), new_attention_heads=None):
+  """(module, variables) of the UNet of `fields` (UNet constructor fields) from `state`."""
+  module = unet_module(fields)
+  s = 2 ** (len(fields["channel_mult"]) - 1)
+  args = [jax.ShapeDtypeStruct((1, s, s, fields["in_channels"]), jnp.float32),
+          jax.ShapeDtypeStruct((1,), jnp.float32)]
+  context = jax.ShapeDtypeStruct((1, 1, context_dim), jnp.float32) if context_dim else None
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if fields["num_classes"] else None
+  abstract = jax.eval_shape(
+      lambda x, t, c, y: module.init(jax.random.PRNGKey(0), x, t, c, y), *args, context, labels)
+  entries = names.prefixed(names.unet_entries(**fields, new_attention_heads=new_attention_heads,
+                                              layout=layout), prefix)
+  params = state_to_params(state, entries, abstract["params"], where, ignore)
+  return module, {"params": _device(params)}
+
+
+def unet_heads(fields: dict) -> list[int]:
+  """Heads of each level's attention (levels without attention: 0)."""
+  out = []
+  levels = len(fields["channel_mult"])
+  for level, mult in enumerate(fields["channel_mult"]):
+    used = 2 ** level in fields["attention_resolutions"] or level == levels - 1
+    out.append(heads_for_level(mult * fields["model_channels"], level, fields["num_heads"],
+                               fields["num_head_channels"])[0] if used else 0)
+  return out
+
+
+def unet_config_heads(fields: dict, where: str) -> tuple[int, int]:
+  """(num_heads, num_head_channels) for an ldm_jax config, which has no per-level head counts:
+  per-level heads become a fixed head width when they are one."""
+  if fields["num_head_channels"] > 0:
+    return -1, fields["num_head_channels"]
+  heads = fields["num_heads"]
+  if isinstance(heads, int):
+    return heads, -1
+  counts = unet_heads(fields)
+  used = [(h, fields["model_channels"] * m // h) for h, m in zip(counts, fields["channel_mult"])
+          if h]
+  if len({h for h, _ in used}) == 1:
+    return used[0][0], -1
+  if len({d for _, d in used}) == 1:
+    return -1, used[0][1]
+  raise UnsupportedError(f"{where}: per-level heads {tuple(heads)} with head widths "
+                         f"{tuple(d for _, d in used)} have no ldm_jax config equivalent (one "
+                         f"head count or one head width for all levels); the UNet itself loads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Class embedder
+# ---------------------------------------------------------------------------------------------
+def class_embedder_variables(num_classes: int, embed_dim: int, null: str, state, where: str,
+                             prefix: str = ""):
+  module = ClassEmbedder(num_classes, embed_dim, null)
+  abstract = jax.eval_shape(lambda y: module.init(jax.random.PRNGKey(0), y),
+                            jax.ShapeDtypeStruct((1,), jnp.int32))
+  entries = names.prefixed(names.class_embedder_entries(), prefix)
+  params = state_to_params(state, entries, abstract["params"], where)
+  return module, {"params": _device(params)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The LDM config an export carries
+# ---------------------------------------------------------------------------------------------
+def ldm_config(*, unet_fields: dict, ae_config, latent_size: int, diffusion: dict, cond: dict,
+               source: str, first_stage: str) -> ml_collections.ConfigDict:
+  """A validated 'ldm' config: the UNet and schedule of a converted model, its conditioning
+  (`cond`: config.cond fields), and `first_stage` (where its autoencoder lives)."""
+  c = config_lib.defaults("ldm")
+  f = 2 ** (len(ae_config.model.ch_mult) - 1)
+  c.data.image_size, c.data.channels = int(latent_size * f), int(ae_config.data.channels)
+  _no_data(c, source)
+  c.first_stage.checkpoint = first_stage
+  u = c.unet
+  u.model_channels = int(unet_fields["model_channels"])
+  u.channel_mult = tuple(unet_fields["channel_mult"])
+  u.num_res_blocks = int(unet_fields["num_res_blocks"])
+  u.attention_resolutions = tuple(unet_fields["attention_resolutions"])
+  u.num_heads, u.num_head_channels = unet_config_heads(unet_fields, source)
+  u.use_spatial_transformer = bool(unet_fields["use_spatial_transformer"])
+  u.transformer_depth = int(unet_fields["transformer_depth"])
+  u.use_linear_proj = bool(unet_fields["use_linear_proj"])
+  u.use_scale_shift_norm = bool(unet_fields["use_scale_shift_norm"])
+  u.resblock_updown = bool(unet_fields["resblock_updown"])
+  u.conv_resample = bool(unet_fields["conv_resample"])
+  u.dropout = 0.0
+  for key, value in diffusion.items():
+    c.diffusion[key] = value
+  for key, value in cond.items():
+    c.cond[key] = value
+  try:
+    return config_lib.validate(c)
+  except config_lib.ConfigError as e:
+    raise UnsupportedError(f"{source}: no ldm_jax LDM config fits: {e}") from e
+
+
+def _device(tree):
+  return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -1,0 +1,129 @@
+"""Converts PyTorch checkpoints into ldm_jax inference exports, and exports back to diffusers.
+
+  # A CompVis LDM (e.g. cin256-v2: VQ-f4 + UNet + class embedder) -> an export for sample.py
+  python -m ldm_jax.interop.convert compvis --ckpt cin256-v2.ckpt \\
+      --yaml configs/latent-diffusion/cin256-v2.yaml --out exports/cin256
+  # Only its first stage, or a first-stage checkpoint (kl-f8, vq-f4) -> a stage-1 export
+  python -m ldm_jax.interop.convert compvis --ckpt model.ckpt --yaml config.yaml \\
+      --out exports/ae --part autoencoder
+  # A diffusers AutoencoderKL / VQModel folder (or a pipeline folder's vae/) -> a stage-1 export
+  python -m ldm_jax.interop.convert diffusers --vae runwayml-sd/vae --out exports/sd_vae
+  # An ldm_jax export -> diffusers folders (vae/, unet/) for PyTorch pipelines
+  python -m ldm_jax.interop.convert to-diffusers --export exports/ldm --out hf/ldm
+
+The exports have the layout ldm_jax.inference.export_pipeline writes (components unet, cond,
+autoencoder; meta stage, scale_factor, num_classes, tokenizer, autoencoder_config): sample.py
+and ldm_jax.inference.load_pipeline read them as they read exports of trained models.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ldm_jax.cli import friendly_errors, setup_logging
+from ldm_jax.interop.exports import export_autoencoder, export_ldm
+
+
+def from_compvis(args) -> str:
+  from ldm_jax.interop import compvis  # pylint: disable=g-import-not-at-top
+  model = compvis.load_compvis(args.ckpt, args.yaml, use_ema=not args.no_ema,
+                               class_null=args.class_null, trust_pickle=args.trust_pickle)
+  for part, why in model.unsupported.items():
+    print(f"not converted: {part}: {why}")
+  if args.part == "autoencoder" or (model.config is None and model.unet is None):
+    if model.autoencoder is None:
+      raise compvis.UnsupportedError(model.unsupported.get("autoencoder", "no autoencoder"))
+    return export_autoencoder(args.out, model.autoencoder[1], model.autoencoder_config,
+                              model.source)
+  return export_ldm(args.out, model, args.dtype)
+
+
+def from_diffusers(args) -> str:
+  # pylint: disable=g-import-not-at-top
+  from ldm_jax.interop import diffusers
+  from ldm_jax.interop.weights import UnsupportedError
+  if args.unet:
+    raise UnsupportedError(
+        "--unet: a diffusers UNet converts (ldm_jax.interop.load_diffusers_unet), but an LDM "
+        "export also needs its conditioning model, and diffusers pipelines condition on CLIP "
+        "text encoders, which ldm_jax does not implement; --vae alone gives a stage-1 export")
+  if not args.vae:
+    raise UnsupportedError("give --vae (a diffusers AutoencoderKL / VQModel folder)")
+  _, variables, config, scaling = diffusers.load_diffusers_vae_with_config(args.vae)
+  print(f"diffusers scaling_factor {scaling}: a stage-2 config on this autoencoder takes "
+        f"diffusion.scale_factor={scaling} (or scale_by_std)")
+  return export_autoencoder(args.out, variables, config, f"diffusers '{args.vae}'")
+
+
+def to_diffusers(args) -> str:
+  """An ldm_jax export -> <out>/vae (+ <out>/unet and, for class-conditional models,
+  <out>/class_embeddings.safetensors holding the context table 'embedding.weight')."""
+  # pylint: disable=g-import-not-at-top
+  from ldm_jax.checkpoint import read_inference_meta
+  from ldm_jax.first_stage import load_first_stage
+  from ldm_jax.interop import diffusers
+  from ldm_jax.interop.weights import write_safetensors
+  import numpy as np
+  meta, _ = read_inference_meta(args.export)
+  if meta.get("stage") != "ldm":
+    first = load_first_stage(args.export)
+    diffusers.save_diffusers_vae(os.path.join(args.out, "vae"), first.module, first.variables,
+                                 dtype=args.dtype)
+    return args.out
+  from ldm_jax.inference import load_pipeline  # pylint: disable=g-import-not-at-top
+  pipeline = load_pipeline(args.export)
+  first = pipeline.stage.first
+  diffusers.save_diffusers_vae(os.path.join(args.out, "vae"), first.module, first.variables,
+                               scaling_factor=pipeline.scale_factor, dtype=args.dtype)
+  latent = pipeline.config.data.image_size // first.downsample_factor
+  diffusers.save_diffusers_unet(os.path.join(args.out, "unet"), pipeline.stage.unet,
+                                {"params": pipeline.params["unet"]}, sample_size=latent,
+                                dtype=args.dtype)
+  if "class" in pipeline.params["cond"]:
+    table = np.asarray(pipeline.params["cond"]["class"]["embedding"]["embedding"])
+    write_safetensors(os.path.join(args.out, "class_embeddings.safetensors"),
+                      {"embedding.weight": table.astype(np.float32)})
+  return args.out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="source", required=True)
+  cv = sub.add_parser("compvis", help="A CompVis .ckpt / .safetensors with its YAML config.")
+  cv.add_argument("--ckpt", required=True, help="The checkpoint (.ckpt needs torch).")
+  cv.add_argument("--yaml", required=True, help="Its CompVis model config.")
+  cv.add_argument("--part", default="ldm", choices=("ldm", "autoencoder"),
+                  help="Export the whole LDM, or only the first stage (stage-1 export).")
+  cv.add_argument("--no_ema", action="store_true",
+                  help="Convert the non-EMA UNet weights even when model_ema.* exists.")
+  cv.add_argument("--class_null", default="learned", choices=("learned", "zeros"),
+                  help="learned: the class table's last row is the unconditional class "
+                  "(cin256-v2); zeros: every row is a class.")
+  cv.add_argument("--trust_pickle", action="store_true",
+                  help="Unpickle full Lightning checkpoints (runs code from the file).")
+  cv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  df = sub.add_parser("diffusers", help="A diffusers autoencoder folder (stage-1 export).")
+  df.add_argument("--vae", help="AutoencoderKL / VQModel folder (or a pipeline folder).")
+  df.add_argument("--unet", help="(not exportable alone; see the error it gives)")
+  td = sub.add_parser("to-diffusers", help="An ldm_jax export -> diffusers folders.")
+  td.add_argument("--export", required=True, help="An ldm_jax inference export.")
+  td.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+  for p in (cv, df, td):
+    p.add_argument("--out", required=True, help="The folder to create.")
+  args = parser.parse_args(argv)
+  setup_logging()
+  from ldm_jax.interop.weights import ConversionError  # pylint: disable=g-import-not-at-top
+  with friendly_errors():
+    try:
+      path = {"compvis": from_compvis, "diffusers": from_diffusers,
+              "to-diffusers": to_diffusers}[args.source](args)
+    except ConversionError as e:
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+"""ldm_jax inference exports of converted models, with the layout and metadata that
+ldm_jax.inference.export_pipeline and `python -m ldm_jax.export` write, so sample.py,
+load_pipeline and load_first_stage read them like exports of trained models."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.checkpoint import save_inference
+from ldm_jax.interop.weights import UnsupportedError
+
+
+def export_ldm(out: str, model, dtype: str = "float32") -> str:
+  """Writes an LDM export (components unet, cond, autoencoder) of a converted CompVis model
+  (a CompVisModel); `dtype` 'bfloat16' halves its size as export_pipeline does."""
+  if model.config is None:
+    why = "; ".join(model.unsupported.values()) or "it is not a LatentDiffusion checkpoint"
+    raise UnsupportedError(f"{model.source}: no LDM export ({why})")
+  config = copy.deepcopy(model.config)
+  config.first_stage.checkpoint = os.path.abspath(out)   # the export holds its autoencoder
+  cond = {"class": model.cond[1]["params"]} if model.cond else {}
+  cast = (lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x) \
+      if dtype == "bfloat16" else (lambda x: x)
+  variables = jax.tree_util.tree_map(cast, {
+      "unet": model.unet[1], "cond": {"params": cond}, "autoencoder": model.autoencoder[1]})
+  source = f"{model.source} ({', '.join(model.notes)})" if model.notes else model.source
+  meta = {"stage": "ldm", "scale_factor": float(model.scale_factor),
+          "num_classes": int(model.num_classes), "dtype": dtype, "tokenizer": None,
+          "autoencoder_config": json.loads(model.autoencoder_config.to_json_best_effort()),
+          "source": source}
+  return save_inference(out, variables, config=config, meta=meta)
+
+
+def export_autoencoder(out: str, variables, config, source: str) -> str:
+  """Writes a stage-1 export {'autoencoder': variables} (meta stage 'autoencoder')."""
+  return save_inference(out, {"autoencoder": variables}, config=config,
+                        meta={"stage": "autoencoder", "source": source})

@@ -1,0 +1,58 @@
+"""Helpers of the interop tests: the PyTorch-made files of tests/fixtures/interop (see
+tests/fixtures/make_interop_fixtures.py) and CompVis checkpoints assembled from them."""
+import gzip
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "interop"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def rel_err(got, want) -> float:
+  """max |got - want| / max |want|."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def assert_same_tree(a, b):
+  """Same structure, bit-identical leaves."""
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def compvis_state(name: str) -> dict:
+  """The CompVis-layout state dict `name` ('cin', 'sd', 'kl_ae') as float32 numpy arrays."""
+  with gzip.open(FIXTURES / "compvis_keys.json.gz", "rt") as f:
+    rows = json.load(f)[name]
+  sources = {"extras": load_file(str(FIXTURES / "compvis_extras.safetensors"))}
+  state = {}
+  for key, source, dkey, shape in rows:
+    if source not in sources:
+      sources[source] = load_file(str(FIXTURES / source / WEIGHTS))
+    value = sources[source][dkey]
+    state[key] = value.reshape(shape).astype(np.float32 if value.dtype.kind == "f"
+                                             else value.dtype)
+  return state
+
+
+def copy_diffusers(src: pathlib.Path, dst: pathlib.Path, config_edit=None, state_edit=None):
+  """A copy of a diffusers fixture folder with its config and/or weights edited."""
+  dst.mkdir(parents=True, exist_ok=True)
+  config = json.loads((src / "config.json").read_text())
+  if config_edit:
+    config_edit(config)
+  (dst / "config.json").write_text(json.dumps(config))
+  if state_edit:
+    state = load_file(str(src / WEIGHTS))
+    state_edit(state)
+    save_file(state, str(dst / WEIGHTS))
+  else:
+    shutil.copy(src / WEIGHTS, dst / WEIGHTS)
+  return dst

@@ -1,0 +1,210 @@
+"""CompVis checkpoints: parity with the PyTorch outputs, EMA weights, exports that sample.py
+loads, and a guided DDIM trajectory equal to diffusers' DDIMScheduler's."""
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from ldm_jax.diffusion import samplers
+from ldm_jax.first_stage import load_first_stage
+from ldm_jax.inference import load_pipeline
+from ldm_jax.interop import (ConversionError, UnsupportedError, load_compvis,
+                             load_compvis_unet, load_diffusers_unet, load_diffusers_vae,
+                             read_state_dict)
+from ldm_jax.interop.convert import main as convert_main
+from tests.interop.helpers import assert_same_tree, rel_err
+
+TOL = 1e-5
+
+
+def _unet_eps(module, variables, outputs):
+  return jax.jit(lambda v, x, t, c: module.apply(v, x, t, c))(
+      variables, outputs["unet/x"], outputs["unet/t"], outputs["unet/context"])
+
+
+def test_cin_layout_converts_with_ema_weights(compvis_files, outputs):
+  """cin256-v2's layout: VQ first stage, UNet (EMA copy), ClassEmbedder with a null row."""
+  ckpt, yaml = compvis_files["cin"]
+  model = load_compvis(ckpt, yaml)
+  assert model.unsupported == {} and "UNet: EMA weights (model_ema.*)" in model.notes
+  unet, unet_vars = model.unet
+  assert rel_err(_unet_eps(unet, unet_vars, outputs), outputs["unet_linear/eps"]) < TOL
+  ae, ae_vars = model.autoencoder
+  h = jax.jit(lambda v, x: ae.apply(v, x, method="encode"))(ae_vars, outputs["image"])
+  decoded = jax.jit(lambda v, z: ae.apply(v, z, method="decode"))(ae_vars, outputs["vq/h"])
+  assert rel_err(h, outputs["vq/h"]) < TOL and rel_err(decoded, outputs["vq/decoded"]) < TOL
+  embedder, cond_vars = model.cond
+  assert (embedder.num_classes, embedder.null, model.num_classes) == (5, "learned", 5)
+  assert cond_vars["params"]["embedding"]["embedding"].shape == (6, 24)
+  c = model.config
+  assert (c.cond.type, c.cond.num_classes, c.cond.embed_dim) == ("class", 5, 24)
+  assert (c.diffusion.linear_start, c.diffusion.linear_end, c.diffusion.scale_factor) == (
+      0.0015, 0.0195, 0.75)
+  assert (c.unet.num_heads, c.unet.use_linear_proj, c.unet.transformer_depth) == (2, True, 2)
+  assert c.data.image_size == 16 and model.autoencoder_config.model.type == "vq"
+  # Without EMA the (perturbed) raw weights are taken.
+  _, raw = load_compvis_unet(ckpt, yaml, use_ema=False)
+  assert not np.allclose(raw["params"]["out_conv"]["kernel"],
+                         unet_vars["params"]["out_conv"]["kernel"])
+
+
+def test_cin_export_samples_like_diffusers_ddim(compvis_files, outputs, tmp_path):
+  """CLI export -> load_pipeline -> 10-step guided DDIM == the torch loop over diffusers'
+  DDIMScheduler (leading spacing, steps_offset 1, alpha_prev of the last step alphas[0])."""
+  ckpt, yaml = compvis_files["cin"]
+  export = str(tmp_path / "cin")
+  convert_main(["compvis", "--ckpt", ckpt, "--yaml", yaml, "--out", export])
+  pipeline = load_pipeline(export)
+  assert pipeline.num_classes == 5 and pipeline.scale_factor == 0.75
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 10)[::-1], outputs["ddim/timesteps"])
+  stage, frozen, scale = pipeline.stage, pipeline.frozen, pipeline.scale_factor
+  batch = pipeline.condition_batch(2, labels=outputs["ddim/labels"])
+
+  @jax.jit
+  def guided_ddim(params, frozen, x_T):
+    keep = jnp.zeros((2,), bool)
+    inputs = stage.cond(params["cond"], batch, frozen["autoencoder"], keep, scale)
+    null = stage.cond(params["cond"], batch, frozen["autoencoder"], ~keep, scale)
+    z, states = samplers.ddim_sample(
+        stage.denoiser(params, inputs), stage.schedule, x_T, inputs, jax.random.PRNGKey(0),
+        steps=10, eta=0.0, guidance=samplers.Guidance(float(outputs["ddim/guidance"]), null),
+        return_intermediates=True)
+    return states, stage.decode(frozen, z, scale)
+
+  states, decoded = guided_ddim(pipeline.params, frozen, outputs["ddim/x_T"])
+  errors = [rel_err(s, ref) for s, ref in zip(states, outputs["ddim/states"])]
+  assert max(errors) < 1e-4, errors
+  assert rel_err(decoded, outputs["ddim/decoded"]) < 1e-4
+  # sample.py's path: the pipeline's own generate function.
+  generate = jax.jit(pipeline.make_generate(sampler="ddim", steps=2, guidance_scale=2.0))
+  images = generate(pipeline.params, frozen, jax.random.PRNGKey(0), jnp.arange(2), batch)
+  assert images.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(images)))
+  # And back out to diffusers folders, weights unchanged.
+  convert_main(["to-diffusers", "--export", export, "--out", str(tmp_path / "hf")])
+  unet, unet_vars = load_diffusers_unet(str(tmp_path / "hf" / "unet"))
+  vae, vae_vars = load_diffusers_vae(str(tmp_path / "hf" / "vae"))
+  assert unet == stage.unet and vae == stage.first.module
+  assert_same_tree(unet_vars["params"], pipeline.params["unet"])
+  assert_same_tree(vae_vars["params"], frozen["autoencoder"]["params"])
+  table = load_file(str(tmp_path / "hf" / "class_embeddings.safetensors"))["embedding.weight"]
+  np.testing.assert_array_equal(table, pipeline.params["cond"]["class"]["embedding"]["embedding"])
+
+
+def test_sd_layout_converts_all_but_the_clip_encoder(compvis_files, outputs, tmp_path, capsys):
+  ckpt, yaml = compvis_files["sd"]
+  model = load_compvis(ckpt, yaml)
+  assert set(model.unsupported) == {"cond"} and model.config is None
+  assert "FrozenCLIPEmbedder" in model.unsupported["cond"]
+  assert "autoencoder and the UNet still convert" in model.unsupported["cond"]
+  assert model.scale_factor == pytest.approx(0.18215)
+  unet, unet_vars = model.unet
+  assert rel_err(_unet_eps(unet, unet_vars, outputs), outputs["unet_linear/eps"]) < TOL
+  ae, ae_vars = model.autoencoder
+  posterior = jax.jit(lambda v, x: ae.apply(v, x, method="encode"))(ae_vars, outputs["image"])
+  assert rel_err(posterior.mean, outputs["vae_kl/mean"]) < TOL
+  assert rel_err(posterior.logvar, outputs["vae_kl/logvar"]) < TOL
+  # The CLI names the component it cannot convert ...
+  with pytest.raises(SystemExit):
+    convert_main(["compvis", "--ckpt", ckpt, "--yaml", yaml, "--out", str(tmp_path / "sd")])
+  err = capsys.readouterr().err
+  assert "cond_stage_model (FrozenCLIPEmbedder) is not supported" in err
+  # ... and exports the first stage for stage 2.
+  convert_main(["compvis", "--ckpt", ckpt, "--yaml", yaml, "--out", str(tmp_path / "ae"),
+                "--part", "autoencoder"])
+  first = load_first_stage(str(tmp_path / "ae"))
+  assert first.config.model.type == "kl" and first.latent_channels == 4
+
+
+def test_autoencoder_checkpoint_drops_its_loss_weights(compvis_files, outputs):
+  ckpt, yaml = compvis_files["kl_ae"]
+  assert any(k.startswith("loss.") for k in read_state_dict(ckpt))
+  model = load_compvis(ckpt, yaml)
+  assert model.unet is None and model.config is None
+  ae, ae_vars = model.autoencoder
+  decoded = jax.jit(lambda v, z: ae.apply(v, z, method="decode"))(ae_vars, outputs["vae_kl/z"])
+  assert rel_err(decoded, outputs["vae_kl/decoded"]) < TOL
+
+
+def test_ckpt_without_torch_says_how_to_proceed(tmp_path, monkeypatch):
+  path = tmp_path / "model.ckpt"
+  path.write_bytes(b"not read")
+  monkeypatch.setitem(sys.modules, "torch", None)     # as if torch were not installed
+  with pytest.raises(ConversionError, match=r"needs torch.*pip install torch.*\.safetensors"):
+    read_state_dict(str(path))
+
+
+def test_yaml_of_another_checkpoint_is_caught(compvis_files, tmp_path):
+  ckpt, yaml = compvis_files["cin"]
+  wrong = tmp_path / "wrong.yaml"
+  wrong.write_text(open(yaml, encoding="utf-8").read().replace("0.0195", "0.012"))
+  with pytest.raises(ConversionError, match="betas differ from the config's 'linear' schedule"):
+    load_compvis(ckpt, str(wrong))
+
+
+def test_unsupported_first_stage_is_named(compvis_files, tmp_path):
+  ckpt, yaml = compvis_files["kl_ae"]
+  noattn = tmp_path / "noattn.yaml"
+  noattn.write_text(open(yaml, encoding="utf-8").read().replace(
+      "ddconfig:\n", "ddconfig:\n      attn_type: none\n"))
+  with pytest.raises(UnsupportedError, match="attn_type 'none' is not supported"):
+    load_compvis(ckpt, str(noattn))
+
+
+def _group_norm(x, scale, bias, groups=32, eps=1e-5):
+  b, c, t = x.shape
+  g = x.reshape(b, groups, -1)
+  g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+  return g.reshape(b, c, t) * scale[:, None] + bias[:, None]
+
+
+def _rerooted(entry):
+  """A middle_block_1 entry re-rooted at the block itself."""
+  return dataclasses.replace(entry, flax=entry.flax[1:],
+                             torch=entry.torch[len("middle_block.1."):])
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+def test_compvis_attention_block_matches_its_definition(new_order):
+  """openaimodel's AttentionBlock (unconditional CompVis LDMs), computed here in numpy from its
+  definition on torch-layout weights: conv1d qkv split per head as [q|k|v] (legacy) or as
+  [q of all heads | k | v] (use_new_attention_order)."""
+  from ldm_jax.interop import names
+  from ldm_jax.interop.weights import state_to_params
+  from ldm_jax.models.attention import AttentionBlock
+  c, heads, d = 64, 4, 16
+  rng = np.random.default_rng(0)
+  state = {"norm.weight": 1 + 0.3 * rng.normal(size=c), "norm.bias": 0.1 * rng.normal(size=c),
+           "qkv.weight": rng.normal(size=(3 * c, c, 1)) / 8, "qkv.bias": rng.normal(size=3 * c),
+           "proj_out.weight": rng.normal(size=(c, c, 1)) / 8,
+           "proj_out.bias": rng.normal(size=c)}
+  state = {k: v.astype(np.float32) for k, v in state.items()}
+  x = rng.normal(size=(2, 4, 4, c)).astype(np.float32)
+  # Reference.
+  xt = x.reshape(2, 16, c).transpose(0, 2, 1).astype(np.float64)
+  qkv = np.einsum("oi,bit->bot", state["qkv.weight"][:, :, 0], _group_norm(
+      xt, state["norm.weight"], state["norm.bias"])) + state["qkv.bias"][:, None]
+  if new_order:
+    q, k, v = (a.reshape(2 * heads, d, 16) for a in np.split(qkv, 3, axis=1))
+  else:
+    q, k, v = np.split(qkv.reshape(2 * heads, 3 * d, 16), 3, axis=1)
+  logits = np.einsum("bct,bcs->bts", q, k) / np.sqrt(d)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  a = np.einsum("bts,bcs->bct", w, v).reshape(2, c, 16)
+  ref = xt + np.einsum("oi,bit->bot", state["proj_out.weight"][:, :, 0], a) + \
+      state["proj_out.bias"][:, None]
+  ref = ref.transpose(0, 2, 1).reshape(x.shape)
+  # ldm_jax, through the UNet's CompVis name map (its middle attention block).
+  entries = names.unet_entries(model_channels=c, channel_mult=(1,), num_res_blocks=1,
+                               attention_resolutions=(), use_spatial_transformer=False,
+                               new_attention_heads=(lambda level: heads) if new_order else None,
+                               layout=names.COMPVIS)
+  block = [_rerooted(e) for e in entries if e.flax[0] == "middle_block_1"]
+  module = AttentionBlock(heads)
+  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))
+  params = state_to_params(state, block, abstract["params"], "attention block")
+  assert rel_err(module.apply({"params": params}, x), ref) < TOL
