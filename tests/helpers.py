@@ -1,4 +1,7 @@
-"""Builders shared by tests: tiny first stages as inference exports (no training needed)."""
+"""Builders shared by tests: tiny first stages as inference exports (no training needed), a
+captioned digits tfds dataset."""
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -32,9 +35,13 @@ def export_random_autoencoder(directory, kind="kl", image_size=32, ch_mult=(1, 2
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def captioned_digits_tfds(data_dir, count=64):
-  """A tfds dataset 'captioned_digits' (ArrayRecord) of real MNIST digits with captions like
-  'a handwritten seven'; returns its data_dir for config.data."""
+CAPTIONED_DIGITS = 64   # examples in the train split (then 16 in test)
+
+
+@functools.lru_cache(maxsize=None)
+def _captioned_digits_builder():
+  """Defines (once per process: tfds registers builders by name) the 'captioned_digits' tfds
+  builder of real MNIST digits with captions like 'a handwritten seven'."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from ldm_jax.data import sources  # pylint: disable=g-import-not-at-top
   digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
@@ -51,8 +58,8 @@ def captioned_digits_tfds(data_dir, count=64):
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(0, count),
-              "test": self._generate_examples(count, count + 16)}
+      n = CAPTIONED_DIGITS
+      return {"train": self._generate_examples(0, n), "test": self._generate_examples(n, n + 16)}
 
     def _generate_examples(self, start, stop):  # pylint: disable=arguments-differ
       for i in range(start, stop):
@@ -60,8 +67,14 @@ def captioned_digits_tfds(data_dir, count=64):
         yield i, {"image": ex["image"], "label": ex["label"],
                   "captions": {"text": [f"a handwritten {NUMBER_WORDS[ex['label']]}"]}}
 
+  return CaptionedDigits
+
+
+def captioned_digits_tfds(data_dir):
+  """Prepares 'captioned_digits' (ArrayRecord) in data_dir; returns data_dir for config.data."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _captioned_digits_builder()
   builder = tfds.builder("captioned_digits", data_dir=str(data_dir), file_format="array_record")
   if not builder.is_prepared():
     builder.download_and_prepare()
-  del CaptionedDigits
   return str(data_dir)

@@ -156,16 +156,16 @@ def test_larger_images_than_training(pipeline, tmp_path):
   assert data["images"].shape == (1, 32, 32, 1)
 
 
-def test_pipeline_from_random_weights_has_the_stage_interface(tmp_path):
+def test_jobs_are_checked_against_the_model(tmp_path):
+  """An unconditional model refuses class jobs and needs a sample count (no compile needed)."""
   ae = export_random_autoencoder(tmp_path / "ae", "vq", image_size=16, ch_mult=(1, 2))
   c = load_config("tiny_ldm", "uncond")
   c.first_stage.checkpoint = ae
   c.data.image_size = 16
-  mesh = mesh_lib.create_mesh(c.mesh)
-  stage = LatentDiffusionStage(c, mesh)
-  state = stage.init(jax.random.PRNGKey(0), stage.dummy_batch())
-  pipe = Pipeline(stage, state.params, {"autoencoder": stage.first.variables}, 1.0, "random")
+  stage = LatentDiffusionStage(c, mesh_lib.create_mesh(c.mesh))
+  pipe = Pipeline(stage, params={}, frozen={}, scale_factor=1.0, source="random")
   with pytest.raises(sampling_job.JobError, match="not class-conditional"):
     sampling_job.job_for(pipe, per_class=2)
-  job = sampling_job.job_for(pipe, num_samples=3, batch_size=8, steps=2)
-  assert run(pipe, job, tmp_path / "out")["generated"] == 3
+  with pytest.raises(sampling_job.JobError, match="nothing to sample"):
+    sampling_job.job_for(pipe)
+  assert sampling_job.job_for(pipe, num_samples=3).num_samples == 3

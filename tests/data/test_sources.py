@@ -8,7 +8,7 @@ from PIL import Image
 from ldm_jax import config as config_lib
 from ldm_jax.data import sources
 from ldm_jax.data.sources import DataError
-from tests.helpers import NUMBER_WORDS, captioned_digits_tfds
+from tests.helpers import CAPTIONED_DIGITS, NUMBER_WORDS, captioned_digits_tfds
 
 
 def test_image_folder_with_class_subfolders(cifar_folder):
@@ -112,15 +112,15 @@ def test_image_folder_split_subfolder(cifar_folder):
 
 def test_tfds_array_record_source(tmp_path):
   """A tfds dataset built in ArrayRecord format is read by random access (the catalog path)."""
-  data_dir = captioned_digits_tfds(tmp_path, count=40)
+  data_dir = captioned_digits_tfds(tmp_path)
   digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
   src = sources.TfdsSource("captioned_digits", "train[:30]", data_dir=data_dir,
                            caption_key="captions/text", channels=1)
   assert len(src) == 30 and src.num_classes == 10
   whole = sources.TfdsSource("captioned_digits", "train", data_dir=data_dir, channels=1)
   # tfds stores examples in its own (hashed) order: compare the split as a multiset.
-  assert sorted(whole[i]["label"] for i in range(40)) == sorted(
-      digits[i]["label"] for i in range(40))
+  assert sorted(whole[i]["label"] for i in range(CAPTIONED_DIGITS)) == sorted(
+      digits[i]["label"] for i in range(CAPTIONED_DIGITS))
   ex = src[0]
   assert ex["image"].shape == (28, 28, 1)
   assert ex["caption"] == f"a handwritten {NUMBER_WORDS[ex['label']]}"
