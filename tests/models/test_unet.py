@@ -144,6 +144,7 @@ def test_attention_block_uses_the_legacy_qkv_order():
                              atol=1e-4)
 
 
+@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_adm_labels_change_the_output_and_are_required():
   model = _tiny(num_classes=4)
   z = jax.random.normal(KEY, (2, 8, 8, 3))

@@ -190,6 +190,7 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
 
 
+@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_gradient_accumulation_matches_one_big_batch():
   """The mean gradient of two micro-batches of 8 equals the gradient of the batch of 16.
 

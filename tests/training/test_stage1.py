@@ -2,6 +2,7 @@
 switches on at disc_start, and the VQ variants train their codebooks."""
 import jax
 import numpy as np
+import pytest
 
 from ldm_jax.training.loop import train_and_evaluate
 from tests.conftest import load_config
@@ -40,6 +41,7 @@ def test_tiny_kl_autoencoder_learns_digits_and_gan_starts_on_time(tmp_path):
   assert grids, "no reconstruction grid written"
 
 
+@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_vq_autoencoder_with_ema_codebook_and_restarts_trains(tmp_path):
   """(LPIPS inside the loss is covered by tests/losses; VGG16 would make this run 8x longer.)"""
   c = load_config("tiny_ae", "vq")

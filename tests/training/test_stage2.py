@@ -97,6 +97,7 @@ def test_scale_by_std_uses_the_first_batch_and_survives_resume(autoencoder, tmp_
     resumed.close()
 
 
+@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_path):
   config = ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
                       data__split="t10k[:40]", train__num_steps=2)
@@ -127,6 +128,7 @@ def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_pat
                        data__split="t10k[:50]"), str(tmp_path), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_text_conditioning_with_a_tokenizer_trained_on_captions(autoencoder, tmp_path):
   data_dir = captioned_digits_tfds(tmp_path / "tfds")
   config = ldm_config(autoencoder, "text", mesh__fsdp=1, train__num_steps=3)
