@@ -107,18 +107,20 @@ _DOWN_VAE = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
 _UP_VAE = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
 
 
+def _check_block_types(where: str, side: str, types, known) -> None:
+  """Raises UnsupportedError naming the first block type (down or up side) not in `known`."""
+  for t in types:
+    if t not in known:
+      raise UnsupportedError(f"{where}: {side} block type '{t}' is not supported (known: "
+                             f"{', '.join(known)})")
+
+
 def autoencoder_config_from_diffusers(config: dict, where: str, kind: str):
   """The stage-1 config of a diffusers AutoencoderKL ('kl') or VQModel ('vq') config."""
   _require(config, where, _VAE_CHECKS)
   down, up = list(config["down_block_types"]), list(config["up_block_types"])
-  for t in down:
-    if t not in _DOWN_VAE:
-      raise UnsupportedError(f"{where}: down block type '{t}' is not supported (known: "
-                             f"{', '.join(_DOWN_VAE)})")
-  for t in up:
-    if t not in _UP_VAE:
-      raise UnsupportedError(f"{where}: up block type '{t}' is not supported (known: "
-                             f"{', '.join(_UP_VAE)})")
+  _check_block_types(where, "down", down, _DOWN_VAE)
+  _check_block_types(where, "up", up, _UP_VAE)
   attn = [i for i, t in enumerate(down) if _DOWN_VAE[t]]
   if attn != [len(up) - 1 - i for i, t in reversed(list(enumerate(up))) if _UP_VAE[t]]:
     raise UnsupportedError(f"{where}: attention in down blocks {down} and up blocks {up} is not "
@@ -222,14 +224,8 @@ def unet_fields_from_diffusers(config: dict, where: str) -> tuple[dict, int]:
   _require(config, where, _UNET_CHECKS)
   down, up = list(config["down_block_types"]), list(config["up_block_types"])
   levels = len(down)
-  for t in down:
-    if t not in _DOWN_UNET:
-      raise UnsupportedError(f"{where}: down block type '{t}' is not supported (known: "
-                             f"{', '.join(_DOWN_UNET)})")
-  for t in up:
-    if t not in _UP_UNET:
-      raise UnsupportedError(f"{where}: up block type '{t}' is not supported (known: "
-                             f"{', '.join(_UP_UNET)})")
+  _check_block_types(where, "down", down, _DOWN_UNET)
+  _check_block_types(where, "up", up, _UP_UNET)
   attn = [i for i, t in enumerate(down) if _DOWN_UNET[t]]
   if attn != sorted(levels - 1 - i for i, t in enumerate(up) if _UP_UNET[t]):
     raise UnsupportedError(f"{where}: attention in down blocks {down} and up blocks {up} is not "
