@@ -40,9 +40,15 @@ def override(config, assignment: str):
     value = text
   *parents, leaf = path.split(".")
   node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  try:
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(leaf)
+    node[leaf] = value
+  except (KeyError, TypeError) as e:
+    sys.exit(f"override '{assignment}': no such config field or wrong type ({e}); fields are "
+             f"listed in docs/config.md")
 
 
 def main():
