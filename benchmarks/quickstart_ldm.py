@@ -32,23 +32,17 @@ from ldm_jax.training.loop import train_and_evaluate  # noqa: E402
 
 
 def override(config, assignment: str):
-  """Sets config field 'a.b=value' (value read as a Python literal, else a string)."""
+  """Sets config field 'a.b=value' (value read as a Python literal, else a string); the
+  trainer's config validation then checks choices and consistency."""
   path, _, text = assignment.partition("=")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  *parents, leaf = path.split(".")
-  node = config
   try:
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(leaf)
-    node[leaf] = value
+    config.update_from_flattened_dict({path: value})
   except (KeyError, TypeError) as e:
-    sys.exit(f"override '{assignment}': no such config field or wrong type ({e}); fields are "
-             f"listed in docs/config.md")
+    sys.exit(f"override '{assignment}': {e} (fields: docs/config.md)")
 
 
 def main():

@@ -66,7 +66,7 @@ def autoencoder_config(steps: int = 300, train_digits: int = 8000):
 def ldm_config(autoencoder_dir: str, steps: int = 500, train_digits: int = 8000):
   """A small class-conditional LDM on the autoencoder's latents, guidance-ready.
 
-  Tuned for about 7 minutes of a 2-core CPU: the class enters through the time embedding (adm)
+  Tuned for about 8 minutes of a 2-core CPU: the class enters through the time embedding (adm)
   and FiLM (scale-shift norm) in every ResBlock, Min-SNR weighting keeps the easy low-noise
   steps from dominating the gradient, and a large batch takes a high learning rate. Each of
   these is worth several points of sample accuracy; see benchmarks/RESULTS.md.
