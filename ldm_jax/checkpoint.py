@@ -14,11 +14,10 @@ import flax
 import jax
 import orbax.checkpoint as ocp
 
+from ldm_jax.errors import CheckpointError  # noqa: F401  (re-exported)
 from ldm_jax.parallel.sharding import path_str
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, unreadable, or does not fit the model being restored."""
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:

@@ -4,14 +4,10 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from ldm_jax.checkpoint import CheckpointError
-from ldm_jax.config import ConfigError
-from ldm_jax.data.sources import DataError
-from ldm_jax.interop.weights import ConversionError
+from ldm_jax.errors import USER_ERRORS
 
 # Errors whose message already says what is wrong and what to do: no traceback for these.
-KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError,
-                FloatingPointError)
+KNOWN_ERRORS = USER_ERRORS
 
 
 @contextlib.contextmanager

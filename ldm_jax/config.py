@@ -14,9 +14,9 @@ from typing import Any
 
 import ml_collections
 
+from ldm_jax.errors import ConfigError  # noqa: F401  (raised here, re-exported)
 
-class ConfigError(ValueError):
-  """A config field is unknown, of the wrong type, or inconsistent with another field."""
+
 
 
 @dataclasses.dataclass(frozen=True)

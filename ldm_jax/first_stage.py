@@ -12,7 +12,7 @@ import ml_collections
 
 from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_export,
                                 load_inference)
-from ldm_jax.training.stage1 import build_autoencoder
+from ldm_jax.models.build import build_autoencoder
 
 
 @dataclasses.dataclass

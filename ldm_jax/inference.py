@@ -20,7 +20,7 @@ from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_expo
                                 load_inference)
 from ldm_jax.diffusion import samplers
 from ldm_jax.first_stage import FirstStage
-from ldm_jax.training.stage1 import DTYPES, build_autoencoder
+from ldm_jax.models.build import build_autoencoder, dtype_of
 from ldm_jax.training.stage2 import LatentDiffusionStage
 
 
@@ -168,7 +168,7 @@ def load_pipeline(path: str, mesh=None) -> Pipeline:
     if meta.get("stage") != "ldm":
       raise CheckpointError(f"'{path}' exports a '{meta.get('stage')}' model; sampling needs an "
                             f"LDM export")
-    first = _first_stage_from_export(variables, meta, DTYPES[config.train.compute_dtype])
+    first = _first_stage_from_export(variables, meta, dtype_of(config.train.compute_dtype))
     tokenizer = os.path.join(path, meta["tokenizer"]) if meta.get("tokenizer") else None
     stage = LatentDiffusionStage(config, mesh, first=first, tokenizer_path=tokenizer)
     stage.set_num_classes(int(meta.get("num_classes", 0)))

@@ -23,14 +23,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from ldm_jax.data.preprocess import to_uint8
+from ldm_jax.errors import JobError  # noqa: F401  (re-exported)
 from ldm_jax.inference import Pipeline
 from ldm_jax.training.reporting import image_grid, save_png
 
 logger = logging.getLogger("ldm_jax")
 
 
-class JobError(ValueError):
-  """The output folder holds a different job, or the job asks for something impossible."""
 
 
 @dataclasses.dataclass

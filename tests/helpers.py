@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ldm_jax.checkpoint import save_inference
 from ldm_jax.first_stage import abstract_variables
-from ldm_jax.training.stage1 import build_autoencoder
+from ldm_jax.models.build import build_autoencoder
 from tests.conftest import load_config
 
 

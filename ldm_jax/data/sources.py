@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldm_jax.errors import DataError  # noqa: F401  (re-exported)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class DataError(ValueError):
-  """A dataset is missing, empty or unreadable; the message names the field and the path."""
 
 
 class Source:

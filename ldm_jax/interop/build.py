@@ -17,7 +17,7 @@ from ldm_jax.interop.weights import UnsupportedError, state_to_params
 from ldm_jax.models.autoencoder import VectorQuantizer
 from ldm_jax.models.conditioning import ClassEmbedder
 from ldm_jax.models.unet import UNet, heads_for_level
-from ldm_jax.training.stage1 import build_autoencoder
+from ldm_jax.models.build import build_autoencoder
 
 UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                "attention_resolutions", "conv_resample", "num_classes", "use_scale_shift_norm",

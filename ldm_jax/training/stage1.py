@@ -16,34 +16,11 @@ import optax
 from ldm_jax.data.preprocess import image_example_fn
 from ldm_jax.evaluation import metrics as image_metrics
 from ldm_jax.losses import autoencoder as losses
-from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, apply_codebook_restarts
-from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.models.autoencoder import apply_codebook_restarts
+from ldm_jax.models.build import build_autoencoder, build_discriminator, dtype_of
 from ldm_jax.training import optim
 from ldm_jax.training.stages import Stage, accumulate_gradients, register
 from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_autoencoder(model_config, *, image_size: int, channels: int, dtype=jnp.float32,
-                      attention_impl: str | None = None):
-  """AutoencoderKL or VQModel from `config.model` (usable without a training config)."""
-  m = model_config
-  kw = dict(ch=m.ch, out_ch=channels, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-            attn_resolutions=tuple(m.attn_resolutions), z_channels=m.z_channels,
-            embed_dim=m.embed_dim, resolution=image_size, dropout=m.dropout, dtype=dtype,
-            remat=m.remat, attention_impl=attention_impl)
-  if m.type == "kl":
-    return AutoencoderKL(**kw)
-  return VQModel(n_embed=m.n_embed, beta=m.vq_beta, ema_decay=m.vq_ema_decay,
-                 restart_dead=m.vq_restart_dead, dead_threshold=m.vq_dead_threshold, **kw)
-
-
-def build_discriminator(disc_config, dtype=jnp.float32):
-  d = disc_config
-  return NLayerDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm,
-                             dtype=dtype)
-
 
 def reconstruct(ae, variables, x, is_vq: bool):
   """Deterministic reconstruction (posterior mode / quantised latent) and its extra metrics."""
@@ -63,7 +40,7 @@ class AutoencoderStage(Stage):
   def __init__(self, config, mesh, workdir: str | None = None):
     super().__init__(config, mesh, workdir)
     m, l, t = config.model, config.loss, config.train
-    self.dtype = DTYPES[t.compute_dtype]
+    self.dtype = dtype_of(t.compute_dtype)
     self.is_vq = m.type == "vq"
     self.ae = build_autoencoder(m, image_size=config.data.image_size,
                                 channels=config.data.channels, dtype=self.dtype)

@@ -32,9 +32,8 @@ from ldm_jax.diffusion import process, samplers
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.first_stage import FirstStage, load_first_stage
 from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TextTransformer
-from ldm_jax.models.unet import UNet
+from ldm_jax.models.build import build_unet, dtype_of
 from ldm_jax.training import optim
-from ldm_jax.training.stage1 import DTYPES
 from ldm_jax.training.stages import Stage, accumulate_gradients, register
 from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
 
@@ -52,22 +51,6 @@ def context_kind(cond_config) -> str:
 
 def concat_kind(cond_config) -> str:
   return cond_config.concat if cond_config.type in ("concat", "hybrid") else ""
-
-
-def build_unet(unet_config, *, in_channels: int, out_channels: int, context: bool,
-               adm_classes: int = 0, dtype=jnp.float32) -> UNet:
-  u = unet_config
-  return UNet(in_channels=in_channels, out_channels=out_channels,
-              model_channels=u.model_channels, channel_mult=tuple(u.channel_mult),
-              num_res_blocks=u.num_res_blocks,
-              attention_resolutions=tuple(u.attention_resolutions), dropout=u.dropout,
-              conv_resample=u.conv_resample, num_classes=adm_classes,
-              use_scale_shift_norm=u.use_scale_shift_norm, resblock_updown=u.resblock_updown,
-              num_heads=u.num_heads, num_head_channels=u.num_head_channels,
-              use_spatial_transformer=u.use_spatial_transformer or context,
-              transformer_depth=u.transformer_depth, use_linear_proj=u.use_linear_proj,
-              dtype=dtype, remat=u.remat,
-              attention_impl=None if u.attention_impl == "xla" else u.attention_impl)
 
 
 class Conditioner:
@@ -184,7 +167,7 @@ class LatentDiffusionStage(Stage):
     their own autoencoder and tokenizer)."""
     super().__init__(config, mesh, workdir)
     c = config
-    self.dtype = DTYPES[c.train.compute_dtype]
+    self.dtype = dtype_of(c.train.compute_dtype)
     self._tokenizer_override = tokenizer_path
     self.first = first or load_first_stage(c.first_stage.checkpoint, c.first_stage.use_ema,
                                            self.dtype)

@@ -1,0 +1,47 @@
+"""Every error a user can cause, in one place: the CLIs turn these into one line and exit 2.
+
+Each message names the field, file or folder at fault and what to do about it. Modules raise
+these (or a subclass); nothing else reaches a user without --verbose.
+"""
+from __future__ import annotations
+
+
+class LdmJaxError(Exception):
+  """Base of the errors whose message already says what is wrong and how to fix it."""
+
+
+class ConfigError(LdmJaxError, ValueError):
+  """A config field is unknown, of the wrong type, or inconsistent with another field."""
+
+
+class DataError(LdmJaxError, ValueError):
+  """A dataset is missing, empty or unreadable; the message names the field and the path."""
+
+
+class CheckpointError(LdmJaxError, RuntimeError):
+  """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+class ConversionError(LdmJaxError, ValueError):
+  """A PyTorch checkpoint does not fit its architecture, or cannot be read."""
+
+
+class UnsupportedError(ConversionError):
+  """A model uses a block or setting that ldm_jax does not implement."""
+
+
+class JobError(LdmJaxError, ValueError):
+  """A sampling job asks for something impossible, or its output folder holds another job."""
+
+
+class TrainingDiverged(LdmJaxError, FloatingPointError):
+  """A loss or the weights became NaN or infinite; nothing after the last good checkpoint was
+  saved."""
+
+
+class WeightsNotFound(LdmJaxError, FileNotFoundError):
+  """Pretrained weights (LPIPS, Inception, ...) are not installed where ldm_jax looks."""
+
+
+# The classes the CLIs report as one line (every LdmJaxError, and a missing file).
+USER_ERRORS = (LdmJaxError, FileNotFoundError)
