@@ -7,11 +7,12 @@ the held-out digits (see README, "Results").
   python train.py --config=configs/ae_kl4_mnist.py --workdir=runs/ae_kl4_mnist
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("autoencoder")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
 
   c.model.type = "kl"
   c.model.ch = 32

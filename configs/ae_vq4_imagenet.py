@@ -8,11 +8,12 @@ on OpenImages; here on ImageNet through tfds: put the ImageNet tars in data.manu
       --config.data.manual_dir=/path/to/imagenet_tars
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("autoencoder")
-  config_lib.use_tfds(c, "imagenet2012", eval_split="validation[:2000]", label_key="")
+  presets.use_tfds(c, "imagenet2012", eval_split="validation[:2000]", label_key="")
   c.data.image_size = 256
 
   c.model.type = "vq"

@@ -10,11 +10,12 @@ The latents are encoded once (first_stage.precompute_latents) and 10% of labels 
 a learned null class, so the model samples with classifier-free guidance.
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("ldm")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
   c.first_stage.checkpoint = "runs/ae_kl4_mnist"
   c.first_stage.precompute_latents = True
 

@@ -9,12 +9,13 @@ classifier-free guidance.
   python train.py --config=configs/ldm_kl8_coco_txt2img.py --workdir=runs/ldm_coco
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("ldm")
-  config_lib.use_tfds(c, "coco_captions", split="train", eval_split="val[:5000]",
-                      label_key="", caption_key="captions/text")
+  presets.use_tfds(c, "coco_captions", split="train", eval_split="val[:5000]",
+                   label_key="", caption_key="captions/text")
   c.data.image_size = 256
   c.first_stage.checkpoint = "runs/ae_kl8_imagenet"
 

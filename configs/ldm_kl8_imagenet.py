@@ -10,11 +10,12 @@ dropped to a learned null class so classifier-free guidance works (sampled at s 
       --config.data.manual_dir=/path/to/imagenet_tars
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("ldm")
-  config_lib.use_tfds(c, "imagenet2012", eval_split="validation[:5000]")
+  presets.use_tfds(c, "imagenet2012", eval_split="validation[:5000]")
   c.data.image_size = 256
   c.first_stage.checkpoint = "runs/ae_kl8_imagenet"
 

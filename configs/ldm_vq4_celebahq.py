@@ -8,11 +8,12 @@ celeb_a_hq needs its files placed by hand in data.manual_dir (see the tfds catal
       --config.data.manual_dir=/path/to/celeba_hq
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config():
   c = config_lib.defaults("ldm")
-  config_lib.use_tfds(c, "celeb_a_hq/256", label_key="")
+  presets.use_tfds(c, "celeb_a_hq/256", label_key="")
   c.data.image_size = 256
   c.first_stage.checkpoint = "runs/ae_vq4_imagenet"
 

@@ -6,11 +6,12 @@
 Seconds per hundred steps on a laptop CPU; not meant to produce good reconstructions.
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 
 def get_config(variant: str = "kl"):
   c = config_lib.defaults("autoencoder")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
 
   c.model.type = variant
   c.model.ch = 32

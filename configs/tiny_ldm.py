@@ -8,6 +8,7 @@ Point it at any stage-1 run (e.g. configs/tiny_ae.py):
 Variants select the conditioning: uncond, class, adm, text, lowres, inpaint, hybrid.
 """
 from ldm_jax import config as config_lib
+from ldm_jax.data import presets
 
 VARIANTS = ("uncond", "class", "adm", "text", "lowres", "inpaint", "hybrid")
 
@@ -17,7 +18,7 @@ def get_config(variant: str = "class"):
     raise ValueError(f"tiny_ldm: unknown variant '{variant}' (known: {', '.join(VARIANTS)})")
   c = config_lib.defaults("ldm")
   c.first_stage.checkpoint = "runs/tiny_ae"   # train.py --config=configs/tiny_ae.py writes it
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
 
   c.unet.model_channels = 32
   c.unet.channel_mult = (1, 2)

@@ -1,22 +1,20 @@
-"""The config schema: every field, its default and its documentation, and start-up validation.
+"""The config schema as data: every field, its default, its choices and its documentation.
 
-Experiment files in `configs/` start from `defaults(stage)` and change what they need. The
-schema is the single source of truth: `validate` rejects unknown fields (with a suggestion),
-wrong types, values outside a field's choices and inconsistent combinations, and
-`python -m ldm_jax.config` prints the documentation of every field (docs/config.md).
+Experiment files in `configs/` start from `defaults(stage)` and change what they need (dataset
+presets: ldm_jax/data/presets.py). The schema is the single source of truth: `validate` checks
+a config against it (ldm_jax/config_validation.py: unknown fields with a suggestion, types,
+choices, consistency), and `python -m ldm_jax.config` prints the documentation of every field
+(docs/config.md).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 from typing import Any
 
 import ml_collections
 
 from ldm_jax.errors import ConfigError  # noqa: F401  (raised here, re-exported)
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,193 +342,18 @@ def defaults(stage: str) -> ml_collections.ConfigDict:
   return root
 
 
-def _leaves(config, prefix="") -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_leaves(value, path + "."))
-    else:
-      out[path] = value
-  return out
-
-
-def _type_ok(value, default) -> bool:
-  if isinstance(default, bool):
-    return isinstance(value, bool)
-  if isinstance(default, int):
-    return isinstance(value, int) and not isinstance(value, bool)
-  if isinstance(default, float):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if isinstance(default, str):
-    return isinstance(value, str)
-  if isinstance(default, (tuple, list)):
-    return isinstance(value, (tuple, list))
-  return True
-
-
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks a config against its stage's schema and its own consistency; returns it.
 
-  Raises ConfigError with a one-line message naming the field.
+  Raises ConfigError with a one-line message naming the field. The checks live in
+  ldm_jax/config_validation.py and the modules each field concerns.
   """
+  # Imported here so reading the schema (experiment files, the docs) does not load JAX.
+  from ldm_jax import config_validation  # pylint: disable=g-import-not-at-top
   stage = config.get("stage", None)
   if stage is None:
     raise ConfigError("stage: missing; expected one of " + ", ".join(sorted(_STAGE_SCHEMAS)))
-  known = fields(stage)
-  for path, value in _leaves(config).items():
-    if path not in known:
-      close = difflib.get_close_matches(path, list(known), n=1)
-      hint = f" (did you mean '{close[0]}'?)" if close else ""
-      raise ConfigError(f"unknown config field '{path}' for stage '{stage}'{hint}")
-    field = known[path]
-    if not _type_ok(value, field.default):
-      raise ConfigError(f"{path}: expected {type(field.default).__name__}, got "
-                        f"{type(value).__name__} {value!r}")
-    if field.choices is not None and value not in field.choices:
-      raise ConfigError(f"{path}: expected one of {list(field.choices)}, got {value!r}")
-  for path in known:
-    node = config
-    for part in path.split("."):
-      if part not in node:
-        raise ConfigError(f"missing config field '{path}' (start configs from "
-                          f"ldm_jax.config.defaults('{stage}'))")
-      node = node[part]
-  _check_consistency(config)
-  return config
-
-
-def _positive(config, *paths):
-  for path in paths:
-    value = _get(config, path)
-    if value <= 0:
-      raise ConfigError(f"{path}: must be positive, got {value}")
-
-
-def _get(config, path):
-  node = config
-  for part in path.split("."):
-    node = node[part]
-  return node
-
-
-_CONSISTENCY_CHECKS = {}
-
-
-def consistency_check(stage):
-  """Registers a function config -> None that raises ConfigError for stage-specific checks."""
-  def register(fn):
-    _CONSISTENCY_CHECKS.setdefault(stage, []).append(fn)
-    return fn
-  return register
-
-
-def _check_consistency(config):
-  _positive(config, "train.batch_size", "train.grad_accum", "train.num_steps", "train.lr",
-            "data.image_size", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-            "data.num_threads")
-  t, d = config.train, config.data
-  if t.batch_size % t.grad_accum:
-    raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by "
-                      f"train.grad_accum ({t.grad_accum})")
-  if d.source in ("image_folder", "mnist") and not d.path:
-    raise ConfigError(f"data.path: required for data.source='{d.source}'")
-  if d.source == "tfds" and not d.tfds_name:
-    raise ConfigError("data.tfds_name: required for data.source='tfds'")
-  if config.mesh.fsdp < 1:
-    raise ConfigError(f"mesh.fsdp: must be >= 1, got {config.mesh.fsdp}")
-  if config.mesh.data < 1 and config.mesh.data != -1:
-    raise ConfigError(f"mesh.data: must be >= 1 or -1 (all remaining devices), got "
-                      f"{config.mesh.data}")
-  for rule in config.mesh.rules:
-    if len(rule) != 2 or not isinstance(rule[0], str):
-      raise ConfigError(f"mesh.rules: each rule must be (regex, axes), got {rule!r}")
-  for fn in _CONSISTENCY_CHECKS.get(config.stage, []):
-    fn(config)
-
-
-@consistency_check("autoencoder")
-def _check_autoencoder(config):
-  m = config.model
-  _positive(config, "model.ch", "model.z_channels", "model.embed_dim")
-  if not m.ch_mult or any(c <= 0 for c in m.ch_mult):
-    raise ConfigError(f"model.ch_mult: expected positive multipliers, got {m.ch_mult}")
-  f = 2 ** (len(m.ch_mult) - 1)
-  if config.data.image_size % f:
-    raise ConfigError(f"data.image_size ({config.data.image_size}) must be divisible by the "
-                      f"downsampling factor f={f} of model.ch_mult {tuple(m.ch_mult)}")
-  sides = {config.data.image_size // 2 ** i for i in range(len(m.ch_mult))}
-  for r in m.attn_resolutions:
-    if r not in sides:
-      raise ConfigError(f"model.attn_resolutions: {r} is not a feature-map side of this model "
-                        f"(sides are {sorted(sides, reverse=True)})")
-  if m.ch % 32 or any((m.ch * c) % 32 for c in m.ch_mult):
-    raise ConfigError(f"model.ch ({m.ch}) x ch_mult must be divisible by 32 (GroupNorm groups)")
-  if m.type == "vq" and m.n_embed < 2:
-    raise ConfigError(f"model.n_embed: a codebook needs at least 2 codes, got {m.n_embed}")
-  if not 0.0 <= m.vq_ema_decay < 1.0:
-    raise ConfigError(f"model.vq_ema_decay: expected 0 (off) or a decay in (0, 1), got "
-                      f"{m.vq_ema_decay}")
-
-
-def use_tfds(config, name: str, *, split: str = "train", eval_split: str = "",
-             label_key: str = "label", caption_key: str = ""):
-  """Points `config.data` at a tfds catalog dataset (shared by the shipped experiment files)."""
-  d = config.data
-  d.source, d.tfds_name, d.split, d.eval_split = "tfds", name, split, eval_split
-  d.label_key, d.caption_key = label_key, caption_key
-  return config
-
-
-@consistency_check("ldm")
-def _check_ldm(config):
-  cond, unet = config.cond, config.unet
-  if not config.first_stage.checkpoint:
-    raise ConfigError("first_stage.checkpoint: required (a stage-1 workdir or an export)")
-  _positive(config, "unet.model_channels", "unet.num_res_blocks", "diffusion.timesteps",
-            "sample.steps", "cond.embed_dim")
-  if unet.num_heads <= 0 and unet.num_head_channels <= 0:
-    raise ConfigError("unet.num_heads / unet.num_head_channels: set one of them")
-  context = cond.type in ("class", "text") or cond.type == "hybrid"
-  if context and not unet.use_spatial_transformer:
-    raise ConfigError(f"unet.use_spatial_transformer: cond.type='{cond.type}' feeds a "
-                      f"cross-attention context, which needs SpatialTransformer blocks")
-  text = cond.type == "text" or (cond.type == "hybrid" and cond.context == "text")
-  if text:
-    if cond.text_tokenizer == "vocab" and not cond.text_vocab:
-      raise ConfigError("cond.text_vocab: text conditioning with text_tokenizer='vocab' needs "
-                        "a vocab.txt or tokenizer.json path (or set text_tokenizer='train')")
-    if config.data.source == "tfds" and not config.data.caption_key:
-      raise ConfigError("data.caption_key: text conditioning needs the captions' tfds feature")
-    if cond.embed_dim % cond.text_heads:
-      raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
-                        f"({cond.embed_dim})")
-  uses_concat = cond.type in ("concat", "hybrid")
-  if uses_concat and cond.concat == "segmentation":
-    if cond.seg_classes <= 0:
-      raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
-    if config.data.source == "tfds" and not config.data.segmentation_key:
-      raise ConfigError("data.segmentation_key: segmentation conditioning needs the semantic "
-                        "maps' tfds feature")
-  if not 0.0 <= cond.p_uncond < 1.0:
-    raise ConfigError(f"cond.p_uncond: expected a probability in [0, 1), got {cond.p_uncond}")
-  if config.sample.steps > config.diffusion.timesteps:
-    raise ConfigError(f"sample.steps ({config.sample.steps}) exceeds diffusion.timesteps "
-                      f"({config.diffusion.timesteps})")
-  if config.first_stage.precompute_latents and uses_concat and cond.concat == "inpaint":
-    raise ConfigError("first_stage.precompute_latents: inpainting encodes a freshly masked "
-                      "image every step; train it with on-the-fly encoding")
-
-
-def use_packaged_mnist(config, *, image_size: int = 32, eval_digits: int = 1000):
-  """The MNIST test digits shipped in the package: all but the last `eval_digits` for
-  training, those for evaluation; padded from 28 px, grey, unflipped."""
-  d = config.data
-  d.source = "packaged_mnist"
-  d.split, d.eval_split = f"t10k[:{-eval_digits}]", f"t10k[{-eval_digits}:]"
-  d.image_size, d.channels, d.resize_mode, d.random_flip = image_size, 1, "pad", False
-  d.num_threads = 4
-  return config
+  return config_validation.validate(config, fields(stage))
 
 
 def to_markdown() -> str:
@@ -538,8 +361,10 @@ def to_markdown() -> str:
   lines = ["# Config fields", "",
            "Generated by `python -m ldm_jax.config > docs/config.md` from the schema in "
            "`ldm_jax/config.py`. Experiment files in `configs/` start from "
-           "`ldm_jax.config.defaults(stage)`; any field can be overridden on the command line, "
-           "e.g. `--config.train.batch_size=32`.", ""]
+           "`ldm_jax.config.defaults(stage)` (dataset presets: `ldm_jax/data/presets.py`); any "
+           "field can be overridden on the command line, e.g. `--config.train.batch_size=32`. "
+           "`ldm_jax.config.validate` checks every run's config at start-up "
+           "(`ldm_jax/config_validation.py`).", ""]
 
   def table(title, flat):
     rows = [f"## {title}", "", "| field | default | choices | meaning |", "|---|---|---|---|"]

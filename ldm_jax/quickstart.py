@@ -22,6 +22,7 @@ import time
 
 from ldm_jax import config as config_lib
 from ldm_jax.cli import friendly_errors, setup_logging
+from ldm_jax.data import presets
 
 logger = logging.getLogger("ldm_jax")
 
@@ -40,7 +41,7 @@ def _train_split(digits: int) -> str:
 def autoencoder_config(steps: int = 300, train_digits: int = 8000):
   """A small KL-f4 autoencoder: 32 px digits -> 8x8x3 latents."""
   c = config_lib.defaults("autoencoder")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
   c.data.split, c.data.eval_split = _train_split(train_digits), REFERENCE
   c.model.ch = 32
   c.model.ch_mult = (1, 1, 2)
@@ -72,7 +73,7 @@ def ldm_config(autoencoder_dir: str, steps: int = 500, train_digits: int = 8000)
   these is worth several points of sample accuracy; see benchmarks/RESULTS.md.
   """
   c = config_lib.defaults("ldm")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
   c.data.split, c.data.eval_split = _train_split(train_digits), ""
   c.first_stage.checkpoint = autoencoder_dir
   c.first_stage.precompute_latents = True
@@ -109,7 +110,7 @@ def _real_digits(split: str):
   from ldm_jax.data.preprocess import image_example_fn  # pylint: disable=g-import-not-at-top
   from ldm_jax.data.sources import open_source  # pylint: disable=g-import-not-at-top
   c = config_lib.defaults("autoencoder")
-  config_lib.use_packaged_mnist(c, image_size=32)
+  presets.use_packaged_mnist(c, image_size=32)
   source = open_source(c.data, split)
   fn = image_example_fn(c.data, train=False)
   examples = [fn(source[i], None) for i in range(len(source))]

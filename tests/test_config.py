@@ -66,6 +66,61 @@ def test_bad_values_are_named(field, value, message):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("unet.attention_resolutions", (2, 8), r"unet.attention_resolutions: 8 is not a downsample "
+     r"factor of this UNet \(factors are \[1, 2\]"),
+    ("unet.num_head_channels", 24, r"unet.num_head_channels \(24\) must divide the 64 "
+     r"channels of level 1"),
+    ("unet.model_channels", 48, r"unet.model_channels \(48\) x unet.channel_mult \(1, 2\) "
+     r"must be divisible by unet.norm_groups \(32\)"),
+    ("unet.use_spatial_transformer", False, r"unet.use_spatial_transformer: cond.type='class'"),
+    ("cond.p_uncond", 1.0, r"cond.p_uncond: expected a probability in \[0, 1\)"),
+    ("sample.steps", 2000, r"sample.steps \(2000\) exceeds diffusion.timesteps \(1000\)"),
+    ("first_stage.checkpoint", "", r"first_stage.checkpoint: required"),
+])
+def test_bad_ldm_values_are_named(field, value, message):
+  """The stage-2 checks owned by models/build.py, models/conditioning.py and schedules.py."""
+  c = load_config("tiny_ldm", "class")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_heads_are_checked_at_every_attended_level():
+  """The middle block attends at the last level even when attention_resolutions omits it."""
+  c = load_config("tiny_ldm", "class")
+  c.unet.attention_resolutions = ()
+  c.unet.channel_mult = (1, 3)
+  c.unet.num_head_channels = 64
+  with pytest.raises(ConfigError, match=r"unet.num_head_channels \(64\) must divide the 96 "
+                     r"channels of level 1"):
+    config_lib.validate(c)
+  c.unet.num_head_channels, c.unet.num_heads = -1, 5
+  with pytest.raises(ConfigError, match=r"unet.num_heads \(5\) must divide the 96 channels"):
+    config_lib.validate(c)
+  c.unet.num_heads = 3
+  config_lib.validate(c)
+
+
+def test_text_conditioning_checks():
+  c = load_config("tiny_ldm", "text")
+  c.cond.text_heads = 3
+  with pytest.raises(ConfigError, match=r"cond.text_heads \(3\) must divide cond.embed_dim"):
+    config_lib.validate(c)
+  c = load_config("tiny_ldm", "text")
+  c.cond.text_tokenizer = "vocab"
+  with pytest.raises(ConfigError, match=r"cond.text_vocab: text conditioning"):
+    config_lib.validate(c)
+
+
+def test_guidance_needs_a_condition():
+  c = load_config("tiny_ldm", "uncond")
+  c.sample.guidance_scale = 3.0
+  with pytest.raises(ConfigError, match=r"sample.guidance_scale \(3.0\): cond.type='none'"):
+    config_lib.validate(c)
+
+
 def test_wrong_type_in_a_plain_config():
   """Configs built as plain dicts (not from defaults) are type-checked by validate."""
   import ml_collections  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.errors import ConfigError
+
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 
 
@@ -72,3 +74,15 @@ def make_schedule(diffusion_config) -> Schedule:
   d = diffusion_config
   return schedule_from_betas(make_beta_schedule(d.beta_schedule, d.timesteps, d.linear_start,
                                                 d.linear_end, d.cosine_s))
+
+
+def check_sampling_config(config) -> None:
+  """Raises ConfigError when `config.sample` asks for more steps than `config.diffusion` has."""
+  d, s = config.diffusion, config.sample
+  if d.timesteps <= 0:
+    raise ConfigError(f"diffusion.timesteps: must be positive, got {d.timesteps}")
+  if s.steps <= 0:
+    raise ConfigError(f"sample.steps: must be positive, got {s.steps}")
+  if s.steps > d.timesteps:
+    raise ConfigError(f"sample.steps ({s.steps}) exceeds diffusion.timesteps ({d.timesteps}): "
+                      f"a sampler visits at most every timestep once; lower sample.steps")

@@ -59,3 +59,76 @@ def build_unet(unet_config, *, in_channels: int, out_channels: int, context: boo
               transformer_depth=u.transformer_depth, use_linear_proj=u.use_linear_proj,
               dtype=dtype, remat=u.remat,
               attention_impl=None if u.attention_impl == "xla" else u.attention_impl)
+
+
+# --------------------------------------------------------------------------------------------
+# Consistency checks: what a config must satisfy for the factories above to build its modules.
+# They read the same sections (plus `data` and `cond` where those shape the model).
+# --------------------------------------------------------------------------------------------
+def _require_positive(section_name: str, section, *keys):
+  for key in keys:
+    if section[key] <= 0:
+      raise ConfigError(f"{section_name}.{key}: must be positive, got {section[key]}")
+
+
+def check_autoencoder_config(config) -> None:
+  """Raises ConfigError when `config.model` cannot build an autoencoder for `config.data`."""
+  m, size = config.model, config.data.image_size
+  _require_positive("model", m, "ch", "z_channels", "embed_dim")
+  if not m.ch_mult or any(c <= 0 for c in m.ch_mult):
+    raise ConfigError(f"model.ch_mult: expected positive multipliers, got {m.ch_mult}")
+  f = 2 ** (len(m.ch_mult) - 1)
+  if size % f:
+    raise ConfigError(f"data.image_size ({size}) must be divisible by the downsampling factor "
+                      f"f={f} of model.ch_mult {tuple(m.ch_mult)}")
+  sides = sorted({size // 2 ** i for i in range(len(m.ch_mult))}, reverse=True)
+  for r in m.attn_resolutions:
+    if r not in sides:
+      raise ConfigError(f"model.attn_resolutions: {r} is not a feature-map side of this model "
+                        f"(sides are {sides})")
+  groups = m.get("norm_groups", 32)
+  if groups <= 0 or m.ch % groups or any((m.ch * c) % groups for c in m.ch_mult):
+    raise ConfigError(f"model.ch ({m.ch}) x model.ch_mult {tuple(m.ch_mult)} must be divisible "
+                      f"by model.norm_groups ({groups}), the GroupNorm group count")
+  if m.type == "vq" and m.n_embed < 2:
+    raise ConfigError(f"model.n_embed: a codebook needs at least 2 codes, got {m.n_embed}")
+  if not 0.0 <= m.vq_ema_decay < 1.0:
+    raise ConfigError(f"model.vq_ema_decay: expected 0 (off) or a decay in (0, 1), got "
+                      f"{m.vq_ema_decay}")
+
+
+def check_unet_config(config) -> None:
+  """Raises ConfigError when `config.unet` cannot build a UNet: attention at downsample factors
+  the UNet lacks, heads that do not divide a level's channels, or a context without
+  SpatialTransformers (`config.cond` decides the context)."""
+  u, cond = config.unet, config.cond
+  _require_positive("unet", u, "model_channels", "num_res_blocks")
+  if not u.channel_mult or any(c <= 0 for c in u.channel_mult):
+    raise ConfigError(f"unet.channel_mult: expected positive multipliers, got {u.channel_mult}")
+  levels = len(u.channel_mult)
+  factors = [2 ** i for i in range(levels)]
+  for r in u.attention_resolutions:
+    if r not in factors:
+      raise ConfigError(f"unet.attention_resolutions: {r} is not a downsample factor of this "
+                        f"UNet (factors are {factors}: 1 = the latent grid, one level per "
+                        f"unet.channel_mult entry)")
+  if u.num_heads <= 0 and u.num_head_channels <= 0:
+    raise ConfigError("unet.num_heads / unet.num_head_channels: set one of them (> 0)")
+  # Attention follows the ResBlocks of every level listed, and the middle block (last level).
+  attended = {i for i in range(levels) if 2 ** i in u.attention_resolutions} | {levels - 1}
+  for level in sorted(attended):
+    ch = u.model_channels * u.channel_mult[level]
+    if u.num_head_channels > 0 and ch % u.num_head_channels:
+      raise ConfigError(f"unet.num_head_channels ({u.num_head_channels}) must divide the {ch} "
+                        f"channels of level {level} (unet.model_channels x channel_mult[{level}])")
+    if u.num_head_channels <= 0 and ch % u.num_heads:
+      raise ConfigError(f"unet.num_heads ({u.num_heads}) must divide the {ch} channels of level "
+                        f"{level} (unet.model_channels x channel_mult[{level}])")
+  groups = u.get("norm_groups", 32)
+  if groups <= 0 or any((u.model_channels * c) % groups for c in (1, *u.channel_mult)):
+    raise ConfigError(f"unet.model_channels ({u.model_channels}) x unet.channel_mult "
+                      f"{tuple(u.channel_mult)} must be divisible by unet.norm_groups "
+                      f"({groups}), the GroupNorm group count")
+  if cond.type in ("class", "text", "hybrid") and not u.use_spatial_transformer:
+    raise ConfigError(f"unet.use_spatial_transformer: cond.type='{cond.type}' feeds a "
+                      f"cross-attention context, which needs SpatialTransformer blocks (set True)")

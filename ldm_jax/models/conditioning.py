@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.errors import ConfigError
 from ldm_jax.models.attention import CrossAttention
 from ldm_jax.models.layers import Dtype
 
@@ -107,3 +108,32 @@ class SpatialRescaler(nn.Module):
     if self.out_channels:
       x = nn.Conv(self.out_channels, (1, 1), use_bias=False, name="channel_mapper")(x)
     return x
+
+
+def check_conditioning_config(config) -> None:
+  """Raises ConfigError when `config.cond` cannot build its encoders or lacks the data fields
+  they read (captions, semantic maps). Checks that need the loaded first stage live elsewhere."""
+  cond, data = config.cond, config.data
+  if cond.embed_dim <= 0:
+    raise ConfigError(f"cond.embed_dim: must be positive, got {cond.embed_dim}")
+  text = cond.type == "text" or (cond.type == "hybrid" and cond.context == "text")
+  if text:
+    if cond.text_tokenizer == "vocab" and not cond.text_vocab:
+      raise ConfigError("cond.text_vocab: text conditioning with text_tokenizer='vocab' needs "
+                        "a vocab.txt or tokenizer.json path (or set text_tokenizer='train')")
+    if data.source == "tfds" and not data.caption_key:
+      raise ConfigError("data.caption_key: text conditioning needs the captions' tfds feature")
+    if cond.text_heads <= 0 or cond.embed_dim % cond.text_heads:
+      raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
+                        f"({cond.embed_dim})")
+  if cond.type in ("concat", "hybrid") and cond.concat == "segmentation":
+    if cond.seg_classes <= 0:
+      raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
+    if data.source == "tfds" and not data.segmentation_key:
+      raise ConfigError("data.segmentation_key: segmentation conditioning needs the semantic "
+                        "maps' tfds feature")
+  if not 0.0 <= cond.p_uncond < 1.0:
+    raise ConfigError(f"cond.p_uncond: expected a probability in [0, 1), got {cond.p_uncond}")
+  if cond.type == "none" and config.sample.guidance_scale != 1.0:
+    raise ConfigError(f"sample.guidance_scale ({config.sample.guidance_scale}): cond.type="
+                      f"'none' has no null condition to guide against; set it to 1")
