@@ -86,7 +86,8 @@ def import_graph():
 
 
 def find_cycles(graph) -> list[list[str]]:
-  """One shortest cycle [a, b, ..., a] per strongly connected component that has one."""
+  """Shortest cycles [a, b, ..., a] covering every module of each strongly connected
+  component (the modules that import each other in a loop)."""
   index, low, on_stack, stack, components = {}, {}, set(), [], []
 
   def connect(v):  # Tarjan's algorithm; graphs here are small enough for recursion.
@@ -114,23 +115,25 @@ def find_cycles(graph) -> list[list[str]]:
       connect(v)
   cycles = []
   for component in components:
-    start = min(component)
-    if len(component) == 1 and start not in graph.get(start, ()):
+    if len(component) == 1 and min(component) not in graph.get(min(component), ()):
       continue
-    # Breadth-first from `start` inside the component back to `start`: the shortest chain.
-    parent, queue = {}, collections.deque([start])
-    while queue:
-      v = queue.popleft()
-      if start in graph.get(v, ()):
-        chain = [v]
-        while chain[-1] != start:
-          chain.append(parent[chain[-1]])
-        cycles.append([start] + chain[::-1][1:] + [start])
-        break
-      for w in sorted(graph.get(v, ())):
-        if w in component and w not in parent and w != start:
-          parent[w] = v
-          queue.append(w)
+    uncovered = set(component)
+    while uncovered:  # a shortest cycle through each module no earlier chain went through
+      start = min(uncovered)
+      parent, queue = {}, collections.deque([start])
+      while queue:
+        v = queue.popleft()
+        if start in graph.get(v, ()):
+          chain = [v]
+          while chain[-1] != start:
+            chain.append(parent[chain[-1]])
+          cycles.append([start] + chain[::-1][1:] + [start])
+          break
+        for w in sorted(graph.get(v, ())):
+          if w in component and w not in parent and w != start:
+            parent[w] = v
+            queue.append(w)
+      uncovered -= set(cycles[-1])
   return cycles
 
 
@@ -203,6 +206,9 @@ def test_cycle_finder_on_a_synthetic_graph():
   graph = {"a": {"b": 1}, "b": {"c": 1, "d": 1}, "c": {"a": 1}, "d": {"e": 1}, "e": {"d": 1},
            "f": {"a": 1}, "g": {"g": 1}}
   assert sorted(find_cycles(graph)) == [["a", "b", "c", "a"], ["d", "e", "d"], ["g", "g"]]
+  # Two loops through one hub: both are reported.
+  assert find_cycles({"s1": {"hub": 1}, "s2": {"hub": 1}, "hub": {"s1": 1, "s2": 1}}) == [
+      ["hub", "s1", "hub"], ["s2", "hub", "s2"]]
   assert find_cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {}, "d": {"a": 1, "c": 1}}) == []
   bad = {"ldm_jax.models.unet": {"ldm_jax.training.loop": 3}, "ldm_jax.training.loop": {},
          "ldm_jax.ldm": {"ldm_jax.models.unet": 1, "ldm_jax.inference": 2}}
