@@ -19,8 +19,8 @@ from ldm_jax.losses import autoencoder as losses
 from ldm_jax.models.autoencoder import apply_codebook_restarts
 from ldm_jax.models.build import build_autoencoder, build_discriminator, dtype_of
 from ldm_jax.training import optim
-from ldm_jax.training.stages import Stage, accumulate_gradients, register
-from ldm_jax.training.state import TrainState, ema_decay_at, ema_update
+from ldm_jax.training.stages import Stage, apply_step, register
+from ldm_jax.training.state import TrainState
 
 def reconstruct(ae, variables, x, is_vq: bool):
   """Deterministic reconstruction (posterior mode / quantised latent) and its extra metrics."""
@@ -79,97 +79,97 @@ class AutoencoderStage(Stage):
       variables["vq"] = model_state["vq"]
     return variables
 
-  # -- training --------------------------------------------------------------------------------
-  def _grads(self, params, model_state, batch, rng, step, frozen):
-    """Gradients of one (micro-)batch for the autoencoder, the discriminator and logvar."""
+  # -- training: gradient assembly, top to bottom ----------------------------------------------
+  def autoencoder_trunk(self, ae_params, model_state, x, rngs, r_sample):
+    """Encoder -> latent -> decoder features before conv_out, the KL / VQ term, and aux."""
+    variables = self.ae_variables(ae_params, model_state)
+    if self.is_vq:
+      h_pre = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
+      (zq, reg, info), updated = self.ae.apply(variables, h_pre, True, method="quantize_latent",
+                                               rngs=rngs, mutable=["vq"])
+      h = self.ae.apply(variables, zq, True, method="decode_features", rngs=rngs)
+      aux = {"vq": updated["vq"], "perplexity": info["perplexity"],
+             "codebook_usage": info["codebook_usage"]}
+    else:
+      posterior = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
+      z = posterior.sample(r_sample)
+      h = self.ae.apply(variables, z, True, method="decode_features", rngs=rngs)
+      reg = losses.kl_loss(posterior)
+      aux = {"vq": {}}
+    return (h, reg), aux
+
+  def decoder_head(self, head_params, h):
+    """The decoder's conv_out (with its norm and activation): features -> image."""
+    return self.ae.apply({"params": {"decoder": {"conv_out": head_params}}}, h,
+                         method="decode_head")
+
+  def nll_and_grads(self, head_params, h, logvar, x, frozen):
+    """Reconstruction NLL (through LPIPS), differentiated back to conv_out, its input and logvar.
+
+    Returns (nll, x_rec, mean pixel loss, per-example LPIPS or None), (g_head, g_h, g_logvar).
+    """
     l = self.config.loss
-    x = batch["image"]
-    r_sample, r_drop, r_restart = jax.random.split(rng, 3)
-    rngs = {"dropout": r_drop, "restart": r_restart}
-    gan = losses.gan_factor(step, l.disc_start, l.disc_factor)
-    disc_stats = model_state["disc"]
 
-    # 1. Encoder -> latent -> decoder features before conv_out, kept for one backward pass.
-    def trunk(ae_params):
-      variables = self.ae_variables(ae_params, model_state)
-      if self.is_vq:
-        h_pre = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
-        (zq, reg, info), updated = self.ae.apply(variables, h_pre, True, method="quantize_latent",
-                                                 rngs=rngs, mutable=["vq"])
-        h = self.ae.apply(variables, zq, True, method="decode_features", rngs=rngs)
-        aux = {"vq": updated["vq"], "perplexity": info["perplexity"],
-               "codebook_usage": info["codebook_usage"]}
-      else:
-        posterior = self.ae.apply(variables, x, True, method="encode", rngs=rngs)
-        z = posterior.sample(r_sample)
-        h = self.ae.apply(variables, z, True, method="decode_features", rngs=rngs)
-        reg = losses.kl_loss(posterior)
-        aux = {"vq": {}}
-      return (h, reg), aux
-
-    (h, reg), trunk_vjp, aux = jax.vjp(trunk, params["ae"], has_aux=True)
-    head_params = params["ae"]["decoder"]["conv_out"]
-
-    def head(hp, feats):
-      return self.ae.apply({"params": {"decoder": {"conv_out": hp}}}, feats, method="decode_head")
-
-    # 2. Reconstruction NLL, differentiated back to conv_out and its input features.
-    def nll_fn(hp, feats, logvar):
-      x_rec = head(hp, feats)
+    def nll_fn(hp, feats, lv):
+      x_rec = self.decoder_head(hp, feats)
       rec = losses.pixel_loss(x, x_rec, l.rec_loss)
       perceptual = None
       if self.lpips is not None:
         perceptual = self.lpips.apply({"params": frozen["lpips"]}, x, x_rec)
-      nll = losses.reconstruction_nll(rec, perceptual, l.lpips_weight, logvar,
+      nll = losses.reconstruction_nll(rec, perceptual, l.lpips_weight, lv,
                                       "mean" if self.is_vq else "sum")
       return nll, (x_rec, jnp.mean(rec), perceptual)
 
     nll, nll_vjp, (x_rec, rec_loss, perceptual) = jax.vjp(
-        nll_fn, head_params, h, params["logvar"], has_aux=True)
-    g_head, g_h, g_logvar = nll_vjp(jnp.ones_like(nll))
+        nll_fn, head_params, h, logvar, has_aux=True)
+    return (nll, x_rec, rec_loss, perceptual), nll_vjp(jnp.ones_like(nll))
 
-    # 3. The GAN terms, skipped at run time (lax.cond) before disc_start.
-    def with_gan(_):
-      def g_fn(hp, feats):
-        logits = self.disc.apply({"params": params["disc"], "batch_stats": disc_stats},
-                                 head(hp, feats), True, mutable=["batch_stats"])[0]
-        return losses.generator_adversarial_loss(logits)
+  def discriminator_loss(self, disc_params, disc_stats, x, x_rec, gan):
+    """gan * D loss on real images and the (stop-gradient) reconstructions; updated BN stats."""
+    fake = jax.lax.stop_gradient(x_rec)
+    real_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": disc_stats},
+                                       x, True, mutable=["batch_stats"])
+    stats = upd.get("batch_stats", disc_stats)
+    fake_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": stats},
+                                       fake, True, mutable=["batch_stats"])
+    stats = upd.get("batch_stats", stats)
+    d_loss = gan * self.d_loss(real_logits, fake_logits)
+    return d_loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
 
-      g_loss, g_vjp = jax.vjp(g_fn, head_params, h)
-      g_head_adv, g_h_adv = g_vjp(jnp.ones_like(g_loss))
-      if l.adaptive_weight:
-        weight = losses.adaptive_weight(g_head["kernel"], g_head_adv["kernel"], l.disc_weight)
-      else:
-        weight = jnp.asarray(l.disc_weight, jnp.float32)
+  def gan_grads(self, disc_params, disc_stats, head_params, h, g_head, x, x_rec, gan):
+    """The GAN terms: generator gradients at conv_out, the adaptive weight, the D loss and grads.
 
-      def d_fn(disc_params):
-        fake = jax.lax.stop_gradient(x_rec)
-        real_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": disc_stats},
-                                           x, True, mutable=["batch_stats"])
-        stats = upd.get("batch_stats", disc_stats)
-        fake_logits, upd = self.disc.apply({"params": disc_params, "batch_stats": stats},
-                                           fake, True, mutable=["batch_stats"])
-        stats = upd.get("batch_stats", stats)
-        d_loss = gan * self.d_loss(real_logits, fake_logits)
-        return d_loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+    Returns (g_head_adv, g_h_adv, g_disc, new disc BN stats, GAN metrics).
+    """
+    l = self.config.loss
 
-      (d_loss, (stats, real, fake)), g_disc = jax.value_and_grad(d_fn, has_aux=True)(
-          params["disc"])
-      return (g_head_adv, g_h_adv, g_disc, stats,
-              {"g_loss": g_loss, "d_weight": weight, "d_loss": d_loss, "logits_real": real,
-               "logits_fake": fake})
+    def g_fn(hp, feats):
+      logits = self.disc.apply({"params": disc_params, "batch_stats": disc_stats},
+                               self.decoder_head(hp, feats), True, mutable=["batch_stats"])[0]
+      return losses.generator_adversarial_loss(logits)
 
-    def without_gan(_):
-      shapes = jax.eval_shape(with_gan, None)
-      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return zeros[:3] + (disc_stats,) + zeros[4:]
+    g_loss, g_vjp = jax.vjp(g_fn, head_params, h)
+    g_head_adv, g_h_adv = g_vjp(jnp.ones_like(g_loss))
+    if l.adaptive_weight:
+      weight = losses.adaptive_weight(g_head["kernel"], g_head_adv["kernel"], l.disc_weight)
+    else:
+      weight = jnp.asarray(l.disc_weight, jnp.float32)
+    (d_loss, (stats, real, fake)), g_disc = jax.value_and_grad(
+        self.discriminator_loss, has_aux=True)(disc_params, disc_stats, x, x_rec, gan)
+    return (g_head_adv, g_h_adv, g_disc, stats,
+            {"g_loss": g_loss, "d_weight": weight, "d_loss": d_loss, "logits_real": real,
+             "logits_fake": fake})
 
-    g_head_adv, g_h_adv, g_disc, disc_stats, gan_metrics = jax.lax.cond(
-        gan > 0, with_gan, without_gan, None)
-    coef = gan_metrics["d_weight"] * gan
+  def no_gan_grads(self, disc_params, disc_stats, *rest):
+    """gan_grads' outputs before disc_start: zeros, and the BN stats left as they are."""
+    shapes = jax.eval_shape(self.gan_grads, disc_params, disc_stats, *rest)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return zeros[:3] + (disc_stats,) + zeros[4:]
 
-    # 4. One backward pass through the trunk with the weighted sum of both cotangents.
-    reg_weight = l.codebook_weight if self.is_vq else l.kl_weight
+  def assemble_generator_grads(self, trunk_vjp, h, reg, reg_weight, g_h, g_h_adv, g_head,
+                               g_head_adv, coef):
+    """One trunk backward pass with g_h + coef * g_h_adv (and reg_weight on the KL / VQ term),
+    plus conv_out's own gradients g_head + coef * g_head_adv."""
     (g_ae,) = trunk_vjp(((g_h + coef * g_h_adv).astype(h.dtype),
                          jnp.asarray(reg_weight, reg.dtype)))
     g_ae = dict(g_ae)
@@ -177,6 +177,34 @@ class AutoencoderStage(Stage):
     g_ae["decoder"]["conv_out"] = jax.tree_util.tree_map(
         lambda trunk_g, a, b: trunk_g + a + coef * b, g_ae["decoder"]["conv_out"], g_head,
         g_head_adv)
+    return g_ae
+
+  def _grads(self, params, model_state, batch, rng, step, frozen):
+    """Gradients of one (micro-)batch for the autoencoder, the discriminator and logvar."""
+    l = self.config.loss
+    x = batch["image"]
+    r_sample, r_drop, r_restart = jax.random.split(rng, 3)
+    rngs = {"dropout": r_drop, "restart": r_restart}
+    gan = losses.gan_factor(step, l.disc_start, l.disc_factor)
+
+    # 1. The trunk's forward pass, kept (as a vjp) for the one backward pass of step 4.
+    trunk = lambda ae_params: self.autoencoder_trunk(  # noqa: E731
+        ae_params, model_state, x, rngs, r_sample)
+    (h, reg), trunk_vjp, aux = jax.vjp(trunk, params["ae"], has_aux=True)
+    head_params = params["ae"]["decoder"]["conv_out"]
+    # 2. The NLL's gradients at conv_out and its input features.
+    (nll, x_rec, rec_loss, perceptual), (g_head, g_h, g_logvar) = self.nll_and_grads(
+        head_params, h, params["logvar"], x, frozen)
+    # 3. The GAN terms, skipped at run time (lax.cond) before disc_start.
+    gan_args = (params["disc"], model_state["disc"], head_params, h, g_head, x, x_rec, gan)
+    g_head_adv, g_h_adv, g_disc, disc_stats, gan_metrics = jax.lax.cond(
+        gan > 0, lambda _: self.gan_grads(*gan_args), lambda _: self.no_gan_grads(*gan_args),
+        None)
+    coef = gan_metrics["d_weight"] * gan
+    # 4. One backward pass through the trunk with the weighted sum of both cotangents.
+    reg_weight = l.codebook_weight if self.is_vq else l.kl_weight
+    g_ae = self.assemble_generator_grads(trunk_vjp, h, reg, reg_weight, g_h, g_h_adv, g_head,
+                                         g_head_adv, coef)
 
     grads = {"ae": g_ae, "disc": g_disc, "logvar": g_logvar}
     new_state = {"vq": aux["vq"] if self.is_vq else model_state["vq"], "disc": disc_stats}
@@ -196,22 +224,15 @@ class AutoencoderStage(Stage):
     return grads, new_state, metrics
 
   def train_step(self, state: TrainState, batch, frozen):
-    t = self.config.train
-    rng = state.step_rng()
-    grad_fn = lambda p, ms, b, r: self._grads(p, ms, b, r, state.step, frozen)  # noqa: E731
-    grads, model_state, metrics = accumulate_gradients(
-        grad_fn, state.params, state.model_state, batch, rng, t.grad_accum)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    post_update = None
     if self.is_vq and self.config.model.vq_restart_dead:
-      params = {**params, "ae": apply_codebook_restarts(params["ae"], model_state["vq"])}
-    ema = state.ema_params
-    if ema is not None:
-      ema = ema_update(ema, params["ae"], ema_decay_at(state.step, t.ema_decay, t.ema_warmup))
-    metrics["grad_norm"] = optax.global_norm(grads["ae"])
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                        model_state=model_state)
-    return new, metrics
+      post_update = lambda params, model_state: {  # noqa: E731
+          **params, "ae": apply_codebook_restarts(params["ae"], model_state["vq"])}
+    return apply_step(
+        state, batch, tx=self.tx, train_config=self.config.train,
+        grad_fn=lambda p, ms, b, r: self._grads(p, ms, b, r, state.step, frozen),
+        post_update=post_update, ema_of=lambda params: params["ae"],
+        grad_norm_of=lambda grads: grads["ae"])
 
   # -- evaluation ------------------------------------------------------------------------------
   def eval_variables(self, state: TrainState):

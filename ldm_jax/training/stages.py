@@ -1,12 +1,15 @@
-"""What the shared training loop needs from a stage, and gradient accumulation for all stages."""
+"""What the shared training loop needs from a stage, and the gradient accumulation and optimiser
+step skeleton all stages share."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from ldm_jax.config import ConfigError
+from ldm_jax.training.state import ema_decay_at, ema_update
 
 
 class Stage:
@@ -83,6 +86,33 @@ def accumulate_gradients(grad_fn: Callable, params, model_state, batch, rng, k: 
       body, (zeros[0], model_state, zeros[1]), (micro, jnp.arange(k)))
   scale = lambda t: jax.tree_util.tree_map(lambda x: x / k, t)  # noqa: E731
   return scale(grads), model_state, scale(metrics)
+
+
+def apply_step(state, batch, *, grad_fn: Callable, tx, train_config,
+               ema_of: Callable = lambda params: params, post_update: Callable | None = None,
+               grad_norm_of: Callable = lambda grads: grads):
+  """One training step of any stage: accumulate -> optimiser update -> EMA -> step + 1.
+
+  grad_fn is accumulate_gradients' (over train_config.grad_accum micro-batches, with the
+  step's rng). post_update(params, model_state) -> params runs right after the update (e.g. VQ
+  codebook restarts); the EMA, when state.ema_params is not None, tracks ema_of(params) (the
+  exported part); metrics['grad_norm'] is the global norm of grad_norm_of(grads).
+  Returns (new state, metrics).
+  """
+  t = train_config
+  grads, model_state, metrics = accumulate_gradients(
+      grad_fn, state.params, state.model_state, batch, state.step_rng(), t.grad_accum)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if post_update is not None:
+    params = post_update(params, model_state)
+  ema = state.ema_params
+  if ema is not None:
+    ema = ema_update(ema, ema_of(params), ema_decay_at(state.step, t.ema_decay, t.ema_warmup))
+  metrics["grad_norm"] = optax.global_norm(grad_norm_of(grads))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema, model_state=model_state)
+  return new_state, metrics
 
 
 _BUILDERS: dict[str, Callable] = {}
