@@ -168,7 +168,8 @@ def _first_line(e: Exception) -> str:
 # Inference exports: the weights a sampler needs, without optimizer state or training data.
 # ---------------------------------------------------------------------------------------------
 INFERENCE_FORMAT = "ldm_jax.inference"
-INFERENCE_VERSION = 1
+# 2 records the first stage's identity ('first_stage'); version-1 exports load unchanged.
+INFERENCE_VERSION = 2
 
 
 def is_inference_export(directory: str) -> bool:

@@ -1,5 +1,6 @@
 """The frozen first stage of an LDM: a trained autoencoder loaded from a stage-1 training workdir
-(its latest checkpoint, EMA weights when there are any) or from an inference export."""
+(a pinned or the latest checkpoint step, EMA weights when there are any) or from an inference
+export, plus the latent maths stage 2 needs (encode, decode, posterior sampling)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ class FirstStage:
   variables: dict
   config: ml_collections.ConfigDict   # the stage-1 config it was trained with
   source: str
+  identity: dict = dataclasses.field(default_factory=dict)  # {'path', 'step', 'ema'} to pin
 
   @property
   def is_vq(self) -> bool:
@@ -48,6 +50,31 @@ class FirstStage:
     """Unscaled latents -> images (the VQ decoder quantises first)."""
     return self.module.apply(variables, z, method="decode")
 
+  def latent(self, variables, x, rng):
+    """Unscaled latents of images: a posterior sample (rng given) or mode, or the VQ
+    pre-quantisation latent. No gradient flows into the frozen autoencoder."""
+    encoded = self.encode(jax.lax.stop_gradient(variables), x)
+    if self.is_vq:
+      return jax.lax.stop_gradient(encoded)
+    z = encoded.sample(rng) if rng is not None else encoded.mode()
+    return jax.lax.stop_gradient(z)
+
+  def moments(self, variables, x):
+    """What a latent cache stores: [mean | logvar] of a KL posterior, or the VQ latent."""
+    encoded = self.encode(variables, x)
+    if self.is_vq:
+      return encoded
+    return jnp.concatenate([encoded.mean, encoded.logvar], axis=-1)
+
+  def latent_from_moments(self, moments, rng):
+    """Latents from a latent-cache entry: VQ latents as stored, KL posteriors sampled."""
+    if self.is_vq:
+      return moments
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    if rng is None:
+      return mean
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+
 
 def _module(config, dtype):
   return build_autoencoder(config.model, image_size=config.data.image_size,
@@ -60,8 +87,10 @@ def abstract_variables(module, config):
   return jax.eval_shape(lambda: module.init(rngs, x))
 
 
-def load_first_stage(path: str, use_ema: bool = True, dtype=jnp.float32) -> FirstStage:
-  """Loads the autoencoder of a stage-1 workdir or an export folder at `path`."""
+def load_first_stage(path: str, use_ema: bool = True, dtype=jnp.float32,
+                     step: int | None = None) -> FirstStage:
+  """Loads the autoencoder of a stage-1 workdir (checkpoint `step`, default the latest) or an
+  export folder at `path`."""
   if not path or not os.path.isdir(path):
     raise CheckpointError(f"first_stage.checkpoint: '{path}' is not a folder (expected a "
                           f"stage-1 workdir or an inference export)")
@@ -69,7 +98,8 @@ def load_first_stage(path: str, use_ema: bool = True, dtype=jnp.float32) -> Firs
     variables, meta, config = load_inference(path, components=["autoencoder"])
     ae_config = ml_collections.ConfigDict(meta.get("autoencoder_config") or config)
     return FirstStage(_module(ae_config, dtype), variables["autoencoder"], ae_config,
-                      f"export {path}")
+                      f"export {path}", {"path": os.path.abspath(path), "step": None,
+                                         "ema": None, "export": meta.get("source", "")})
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(f"first_stage.checkpoint: '{path}' has no config.json (is it a "
@@ -82,9 +112,15 @@ def load_first_stage(path: str, use_ema: bool = True, dtype=jnp.float32) -> Firs
   module = _module(config, dtype)
   abstract = abstract_variables(module, config)
   checkpointer = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
-  step = checkpointer.latest_step()
   if step is None:
-    raise CheckpointError(f"first_stage.checkpoint: '{path}/checkpoints' holds no checkpoint")
+    step = checkpointer.latest_step()
+    if step is None:
+      raise CheckpointError(f"first_stage.checkpoint: '{path}/checkpoints' holds no checkpoint")
+  elif step not in checkpointer.all_steps():
+    raise CheckpointError(f"first_stage.checkpoint: this run was trained on step {step} of "
+                          f"'{path}', which no longer exists (it holds "
+                          f"{checkpointer.all_steps()}); restore that checkpoint or start the "
+                          f"stage-2 run in a new workdir")
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   placed = lambda tree: jax.tree_util.tree_map(  # noqa: E731
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
@@ -98,4 +134,5 @@ def load_first_stage(path: str, use_ema: bool = True, dtype=jnp.float32) -> Firs
   if "vq" in abstract:
     variables["vq"] = restored["model_state"]["vq"]
   return FirstStage(module, variables, config,
-                    f"{path} step {step}" + (" (EMA)" if ema else ""))
+                    f"{path} step {step}" + (" (EMA)" if ema else ""),
+                    {"path": os.path.abspath(path), "step": int(step), "ema": bool(ema)})

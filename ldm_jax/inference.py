@@ -1,8 +1,8 @@
-"""Inference: a trained LDM (from a training workdir or an export) as one jittable function from
-sample indices and conditions to images, plus tiled decoding of large latents.
+"""Inference: a trained LDM (from a training workdir or an export) with its weights, and one
+jittable function from sample indices and conditions to images.
 
-Each sample's starting noise is drawn from fold_in(seed key, global sample index), so a sample
-does not depend on the batch it lands in, the number of devices, or whether the job resumed.
+No optimizer, no mesh, no training stage: a Pipeline is a LatentDiffusion (ldm_jax/ldm.py)
+plus the weights and facts its checkpoint or export recorded.
 """
 from __future__ import annotations
 
@@ -18,17 +18,18 @@ import numpy as np
 
 from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_export,
                                 load_inference)
-from ldm_jax.diffusion import samplers
-from ldm_jax.first_stage import FirstStage
+from ldm_jax.data import conditions
+from ldm_jax.data.text import TextTokenizer, tokenizer_for
+from ldm_jax.first_stage import FirstStage, load_first_stage
+from ldm_jax.ldm import LatentDiffusion, SampleSettings, tiled_decode  # noqa: F401 (re-export)
 from ldm_jax.models.build import build_autoencoder, dtype_of
-from ldm_jax.training.stage2 import LatentDiffusionStage
 
 
 @dataclasses.dataclass
 class Pipeline:
-  """A loaded latent diffusion model: its stage (modules, conditioner, schedule), the UNet and
-  conditioning weights, the frozen autoencoder and the latent scale."""
-  stage: LatentDiffusionStage
+  """A loaded latent diffusion model: the model, its UNet and conditioning weights, the frozen
+  autoencoder and the latent scale."""
+  ldm: LatentDiffusion
   params: dict           # {'unet': ..., 'cond': ...}
   frozen: dict           # {'autoencoder': variables}
   scale_factor: float
@@ -36,21 +37,19 @@ class Pipeline:
 
   @property
   def config(self):
-    return self.stage.config
+    return self.ldm.config
 
   @property
   def num_classes(self) -> int:
-    return self.stage.num_classes
+    return self.ldm.num_classes
 
   def latent_shape(self, batch: int, image_size: int | None = None):
-    f = self.stage.first.downsample_factor
-    size = (image_size or self.config.data.image_size) // f
-    return (batch, size, size, self.stage.first.latent_channels)
+    return self.ldm.latent_shape(batch, image_size)
 
   def condition_batch(self, n: int, labels=None, prompts=None, images=None, masks=None):
     """The batch dict the conditioner reads, for n samples."""
     batch: dict[str, Any] = {}
-    cond = self.stage.cond
+    cond = self.ldm.cond
     if cond.context == "class" or cond.adm:
       if labels is None:
         raise ValueError(f"this model is class-conditional ({self.num_classes} classes): give "
@@ -59,13 +58,14 @@ class Pipeline:
     if cond.context == "text":
       if prompts is None:
         raise ValueError("this model is text-conditional: give prompts")
-      batch["tokens"] = self.stage.tokenizer.encode(list(prompts))
+      batch["tokens"] = self.ldm.tokenizer.encode(list(prompts))
     if cond.concat:
       if images is None:
         raise ValueError(f"this model concatenates a '{cond.concat}' condition: give images")
-      example_fn = self.stage.example_fn(train=False)
-      examples = [example_fn({"image": img, **({"segmentation": m} if cond.concat ==
-                                               "segmentation" else {})},
+      example_fn = conditions.route_example_fn(self.config, train=False,
+                                               latent_size=self.ldm.latent_size)
+      seg = cond.concat == "segmentation"
+      examples = [example_fn({"image": img, **({"segmentation": m} if seg else {})},
                              np.random.default_rng(i)) for i, (img, m) in enumerate(
                                  zip(images, masks if masks is not None else [None] * n))]
       for key in ("image", "lowres", "segmentation"):
@@ -86,120 +86,99 @@ class Pipeline:
     size samples larger latents (the UNet is convolutional); `tile` > 0 decodes them in
     overlapping tiles of that many latent pixels, bounding the decoder's memory.
     """
-    stage, scale = self.stage, self.scale_factor
-    s = self.config.sample
-    guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-    has_null = bool(stage.cond.context or stage.cond.adm or stage.cond.concat)
-    kwargs = dict(parameterization=self.config.diffusion.parameterization,
-                  eta=s.eta if eta is None else eta, spacing=spacing or s.spacing)
-    name = sampler or s.sampler
-    if name != "ddpm":
-      kwargs["steps"] = steps or s.steps
+    settings = SampleSettings(sampler, steps, eta, guidance_scale, spacing)
+    ldm, scale = self.ldm, self.scale_factor
 
     def generate(params, frozen, key, indices, cond_batch):
-      n = indices.shape[0]
-      shape = self.latent_shape(n, image_size)[1:]
-      sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(sample_keys)
-      noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(sample_keys)
-      keep = jnp.zeros((n,), bool)
-      inputs = stage.cond(params["cond"], cond_batch, frozen["autoencoder"], keep, scale)
-      guidance = None
-      if has_null and guidance_scale != 1.0:
-        null = stage.cond(params["cond"], cond_batch, frozen["autoencoder"], ~keep, scale)
-        guidance = samplers.Guidance(guidance_scale, null)
-      z = samplers.sample(name, stage.denoiser(params, inputs), stage.schedule, x_T, inputs,
-                          noise_keys, guidance=guidance, **kwargs)
-      decode = lambda lat: stage.first.decode(frozen["autoencoder"], lat / scale)  # noqa: E731
-      images = tiled_decode(decode, z, tile, stage.first.downsample_factor) if tile else \
-          decode(z)
-      return jnp.clip(images, -1.0, 1.0)
+      return ldm.generate(params, frozen["autoencoder"], scale, key, indices, cond_batch,
+                          settings, image_size, tile)
 
     return generate
 
 
-def tiled_decode(decode_fn, z, tile: int, factor: int, overlap: float = 0.25):
-  """Decodes latents (B, h, w, C) in overlapping `tile` x `tile` latent tiles, blending the
-  decoded tiles with linear ramps, so memory grows with the tile, not the image.
-
-  Tiles are decoded one after another (lax.map) through the same compiled decoder.
-  """
-  b, h, w, _ = z.shape
-  if tile >= h and tile >= w:
-    return decode_fn(z)
-  stride = max(1, int(tile * (1 - overlap)))
-  tile_h, tile_w = min(tile, h), min(tile, w)
-
-  def starts(size, t):
-    s = list(range(0, max(size - t, 0) + 1, stride))
-    if s[-1] != size - t:
-      s.append(size - t)
-    return s
-
-  origins = [(y, x) for y in starts(h, tile_h) for x in starts(w, tile_w)]
-  tiles = jnp.stack([z[:, y:y + tile_h, x:x + tile_w] for y, x in origins])
-  decoded = jax.lax.map(decode_fn, tiles)               # (T, B, th*f, tw*f, C)
-  ramp = lambda n: np.minimum(np.arange(1, n + 1), np.arange(n, 0, -1)).astype(  # noqa: E731
-      np.float32)
-  weight = np.outer(ramp(tile_h * factor), ramp(tile_w * factor))[None, :, :, None]
-  out = jnp.zeros((b, h * factor, w * factor, decoded.shape[-1]), decoded.dtype)
-  norm = jnp.zeros((1, h * factor, w * factor, 1), decoded.dtype)
-  for k, (y, x) in enumerate(origins):
-    ys, xs = slice(y * factor, (y + tile_h) * factor), slice(x * factor, (x + tile_w) * factor)
-    out = out.at[:, ys, xs].add(decoded[k] * weight)
-    norm = norm.at[:, ys, xs].add(weight)
-  return out / norm
+def _single_device(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
-def _first_stage_from_export(variables, meta, dtype) -> FirstStage:
+def _from_export(path: str) -> Pipeline:
+  variables, meta, config = load_inference(path)
+  config = ml_collections.ConfigDict(config)
+  if meta.get("stage") != "ldm":
+    raise CheckpointError(f"'{path}' exports a '{meta.get('stage')}' model; sampling needs an "
+                          f"LDM export")
   ae_config = ml_collections.ConfigDict(meta["autoencoder_config"])
   module = build_autoencoder(ae_config.model, image_size=ae_config.data.image_size,
-                             channels=ae_config.data.channels, dtype=dtype)
-  return FirstStage(module, variables["autoencoder"], ae_config, "export")
+                             channels=ae_config.data.channels,
+                             dtype=dtype_of(config.train.compute_dtype))
+  first = FirstStage(module, variables["autoencoder"], ae_config, "export",
+                     meta.get("first_stage") or {})
+  tokenizer = None
+  if meta.get("tokenizer"):
+    tokenizer = TextTokenizer(os.path.join(path, meta["tokenizer"]), config.cond.text_max_length)
+  ldm = LatentDiffusion(config, first, num_classes=int(meta.get("num_classes", 0)),
+                        tokenizer=tokenizer)
+  params = {"unet": variables["unet"]["params"], "cond": variables["cond"]["params"]}
+  return Pipeline(ldm, params, {"autoencoder": first.variables}, float(meta["scale_factor"]),
+                  f"export {path}")
 
 
-def load_pipeline(path: str, mesh=None) -> Pipeline:
-  """A Pipeline from an inference export or a stage-2 training workdir (EMA weights)."""
-  if mesh is None:
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-  if is_inference_export(path):
-    variables, meta, config = load_inference(path)
-    config = ml_collections.ConfigDict(config)
-    if meta.get("stage") != "ldm":
-      raise CheckpointError(f"'{path}' exports a '{meta.get('stage')}' model; sampling needs an "
-                            f"LDM export")
-    first = _first_stage_from_export(variables, meta, dtype_of(config.train.compute_dtype))
-    tokenizer = os.path.join(path, meta["tokenizer"]) if meta.get("tokenizer") else None
-    stage = LatentDiffusionStage(config, mesh, first=first, tokenizer_path=tokenizer)
-    stage.set_num_classes(int(meta.get("num_classes", 0)))
-    params = {"unet": variables["unet"]["params"], "cond": variables["cond"]["params"]}
-    return Pipeline(stage, params, {"autoencoder": first.variables},
-                    float(meta["scale_factor"]), f"export {path}")
+def _workdir_facts(path: str, checkpointer: Checkpointer):
+  """(config, facts) of a stage-2 workdir: read from its latest checkpoint's metadata; runs
+  from before checkpoints recorded them fall back to config.json and the weight shapes."""
+  meta = checkpointer.read_meta()
+  if meta.get("config") and meta.get("model") is not None:
+    return ml_collections.ConfigDict(meta["config"]), meta["model"]
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
-    raise CheckpointError(f"'{path}' is neither an ldm_jax export nor a training workdir (no "
-                          f"meta.json or config.json)")
+    raise CheckpointError(f"'{path}' has neither checkpoint metadata nor a config.json; it was "
+                          f"not written by ldm_jax")
   with open(config_path, encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
+  return config, {"num_classes": classes_in_weights(checkpointer.saved_shapes(), config)}
+
+
+def _from_workdir(path: str) -> Pipeline:
+  checkpointer = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
+  if checkpointer.latest_step() is None:
+    raise CheckpointError(f"'{path}/checkpoints' holds no checkpoint")
+  config, facts = _workdir_facts(path, checkpointer)
   if config.get("stage") != "ldm":
     raise CheckpointError(f"'{path}' is a '{config.get('stage')}' run; sampling needs an LDM")
-  checkpointer = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
-  stage = LatentDiffusionStage(config, mesh, workdir=path)
-  stage.set_num_classes(classes_in_weights(checkpointer.saved_shapes(), config))
-  abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0), stage.dummy_batch())
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  place = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
-  key = "ema_params" if abstract.ema_params is not None else "params"
-  restored = checkpointer.restore_subtree({key: place(abstract.params),
-                                           "model_state": place(abstract.model_state)})
-  return Pipeline(stage, restored[key], {"autoencoder": stage.first.variables},
+  pinned = (facts.get("first_stage") or {}).get("step")
+  first = load_first_stage(config.first_stage.checkpoint, config.first_stage.use_ema,
+                           dtype_of(config.train.compute_dtype), step=pinned)
+  recorded = facts.get("tokenizer")
+  if recorded and os.path.isfile(recorded):
+    tokenizer = TextTokenizer(recorded, config.cond.text_max_length)
+  else:
+    tokenizer = tokenizer_for(config.cond, path)
+  ldm = LatentDiffusion(config, first, num_classes=int(facts.get("num_classes") or 0),
+                        tokenizer=tokenizer)
+  abstract = ldm.abstract_params()
+  key = "ema_params" if config.train.ema_decay > 0 else "params"
+  restored = checkpointer.restore_subtree({
+      key: _single_device(abstract),
+      "model_state": _single_device({"scale_factor": jax.ShapeDtypeStruct((), jnp.float32)})})
+  return Pipeline(ldm, restored[key], {"autoencoder": first.variables},
                   float(restored["model_state"]["scale_factor"]),
                   f"{path} step {checkpointer.latest_step()}")
 
 
+def load_pipeline(path: str) -> Pipeline:
+  """A Pipeline from an inference export or a stage-2 training workdir (EMA weights)."""
+  if is_inference_export(path):
+    return _from_export(path)
+  if not os.path.isdir(os.path.join(path, "checkpoints")):
+    raise CheckpointError(f"'{path}' is neither an ldm_jax export nor a training workdir (no "
+                          f"meta.json or checkpoints/)")
+  return _from_workdir(path)
+
+
 def classes_in_weights(shapes: dict[str, tuple], config) -> int:
-  """The class count a checkpoint was trained with, read off its label embedding's rows."""
+  """The class count of a checkpoint written before checkpoints recorded it, read off its label
+  embedding's rows."""
   for path in ("params/cond/class/embedding/embedding", "params/unet/label_emb/embedding"):
     if path in shapes:
       return shapes[path][0] - (1 if config.cond.null == "learned" else 0)
@@ -215,13 +194,14 @@ def export_pipeline(pipeline: Pipeline, out: str, dtype: str = "float32"):
       "unet": {"params": pipeline.params["unet"]}, "cond": {"params": pipeline.params["cond"]},
       "autoencoder": pipeline.frozen["autoencoder"]})
   extra, tokenizer = {}, None
-  if pipeline.stage.tokenizer is not None:
-    tokenizer = "tokenizer" + (".json" if pipeline.stage.tokenizer.path.endswith(".json")
+  if pipeline.ldm.tokenizer is not None:
+    tokenizer = "tokenizer" + (".json" if pipeline.ldm.tokenizer.path.endswith(".json")
                                else ".txt")
-    extra[tokenizer] = pipeline.stage.tokenizer.path
+    extra[tokenizer] = pipeline.ldm.tokenizer.path
+  first = pipeline.ldm.first
   meta = {"stage": "ldm", "scale_factor": pipeline.scale_factor,
           "num_classes": pipeline.num_classes, "dtype": dtype, "tokenizer": tokenizer,
-          "autoencoder_config": json.loads(pipeline.stage.first.config.to_json_best_effort()),
+          "autoencoder_config": json.loads(first.config.to_json_best_effort()),
+          "first_stage": dict(first.identity, source=first.source),
           "source": pipeline.source}
   return save_inference(out, variables, config=pipeline.config, meta=meta, extra_files=extra)
-

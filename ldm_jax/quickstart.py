@@ -148,7 +148,7 @@ def run(workdir: str, *, ae_steps: int = 300, ldm_steps: int = 500, per_class: i
   logger.info("[3/4] %d guided samples of every class -> %s", per_class, samples_dir)
   t = time.time()
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  pipeline = load_pipeline(ldm_dir, mesh)
+  pipeline = load_pipeline(ldm_dir)
   job = sampling_job.job_for(pipeline, per_class=per_class,
                              batch_size=len(devices) * max(1, 100 // len(devices)))
   sampling = sampling_job.run(pipeline, job, samples_dir, mesh)

@@ -68,7 +68,7 @@ def job_for(pipeline: Pipeline, *, num_samples=0, per_class=0, classes=None, pro
             per_prompt=1, **settings) -> Job:
   """The Job of sample.py's flags: per-class and per-prompt jobs expand to one label/prompt per
   sample, in order (class 0 x per_class, class 1 x per_class, ...)."""
-  cond = pipeline.stage.cond
+  cond = pipeline.ldm.cond
   labels = texts = None
   if cond.context == "class" or cond.adm:
     chosen = list(classes) if classes else list(range(pipeline.num_classes))

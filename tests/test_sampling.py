@@ -13,9 +13,9 @@ from jax.sharding import Mesh
 from ldm_jax import sampling_job
 from ldm_jax.checkpoint import CheckpointError
 from ldm_jax.inference import Pipeline, export_pipeline, load_pipeline, tiled_decode
-from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.first_stage import load_first_stage
+from ldm_jax.ldm import LatentDiffusion
 from ldm_jax.training.loop import train_and_evaluate
-from ldm_jax.training.stage2 import LatentDiffusionStage
 from tests.conftest import load_config
 from tests.helpers import export_random_autoencoder
 
@@ -162,8 +162,8 @@ def test_jobs_are_checked_against_the_model(tmp_path):
   c = load_config("tiny_ldm", "uncond")
   c.first_stage.checkpoint = ae
   c.data.image_size = 16
-  stage = LatentDiffusionStage(c, mesh_lib.create_mesh(c.mesh))
-  pipe = Pipeline(stage, params={}, frozen={}, scale_factor=1.0, source="random")
+  ldm = LatentDiffusion(c, load_first_stage(ae))
+  pipe = Pipeline(ldm, params={}, frozen={}, scale_factor=1.0, source="random")
   with pytest.raises(sampling_job.JobError, match="not class-conditional"):
     sampling_job.job_for(pipe, per_class=2)
   with pytest.raises(sampling_job.JobError, match="nothing to sample"):

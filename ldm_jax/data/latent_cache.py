@@ -3,8 +3,10 @@
 Stage 2 then trains without an autoencoder forward pass per step. KL posteriors are stored as
 moments [mean | logvar] so every step still samples a fresh latent; VQ models store the
 pre-quantisation latent. Images are centre-cropped (no random crops); data.random_flip flips
-the latents. Files: latents.npy (N, h, w, C), labels.npy, captions.json, and complete.json,
-written last, which records what was encoded so a stale cache is refused.
+the latents. Files: latents.npy (N, h, w, C), labels.npy, captions.json, one <name>.npy per
+spatial condition the route needs (e.g. lowres.npy, segmentation.npy, aligned with the cached
+crop), and complete.json, written last, which records what was encoded so a stale cache is
+refused.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class LatentCacheSource(Source):
       with open(captions, encoding="utf-8") as f:
         self.captions = json.load(f)
     self.num_classes = int(self.info.get("num_classes", 0))
+    self.conditions = {name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
+                       for name in self.info.get("conditions", [])}
     self.description = f"latent cache {directory}: {len(self.latents)} latents " \
                        f"{tuple(self.latents.shape[1:])}"
 
@@ -53,6 +57,8 @@ class LatentCacheSource(Source):
       example["label"] = int(self.labels[index])
     if self.captions is not None:
       example["caption"] = self.captions[index]
+    for name, values in self.conditions.items():
+      example[name] = np.asarray(values[index])
     return example
 
 
@@ -62,6 +68,8 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   """Encodes every example of `source` (in order) unless a matching cache exists.
 
   encode_fn(images) -> latents, jitted over the mesh. Host 0 writes; all hosts wait for it.
+  Every array example_fn returns besides 'image' and 'label' (a spatial condition) is stored
+  too, as <name>.npy.
   """
   marker = os.path.join(directory, "complete.json")
   if os.path.exists(marker):
@@ -77,6 +85,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   pipe = InputPipeline(source, example_fn, global_batch=global_batch, seed=0, shuffle=False)
   lead = jax.process_index() == 0
   latents = labels = None
+  conditions: dict[str, np.ndarray] = {}
   captions = [] if "caption" in source[0] else None
   t0 = time.time()
   try:
@@ -87,14 +96,21 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
       count = min(global_batch, n - start)
       if "label" in local:
         batch_labels = np.asarray(multihost_utils.process_allgather(local["label"], tiled=True))
+      extra = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+               for k, v in local.items() if k not in ("image", "label")}
       if lead:
         if latents is None:
           latents = np.lib.format.open_memmap(os.path.join(directory, "latents.npy"), "w+",
                                               np.float32, (n,) + out.shape[1:])
           labels = np.zeros((n,), np.int32) if "label" in local else None
+          conditions = {k: np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
+                                                     v.dtype, (n,) + v.shape[1:])
+                        for k, v in extra.items()}
         latents[start:start + count] = out[:count]
         if labels is not None:
           labels[start:start + count] = batch_labels[:count]
+        for k, v in extra.items():
+          conditions[k][start:start + count] = v[:count]
         if captions is not None:
           # Captions are strings, which do not travel through device arrays: host 0 reads them.
           captions += [source[i]["caption"] for i in range(start, start + count)]
@@ -105,6 +121,8 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
     pipe.close()
   if lead:
     latents.flush()
+    for values in conditions.values():
+      values.flush()
     if labels is not None:
       np.save(os.path.join(directory, "labels.npy"), labels)
     if captions is not None:
@@ -112,7 +130,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
         json.dump(captions, f)
     with open(marker, "w", encoding="utf-8") as f:
       json.dump({"count": n, "shape": list(latents.shape[1:]), "fingerprint": fingerprint,
-                 "num_classes": num_classes}, f)
+                 "num_classes": num_classes, "conditions": sorted(conditions)}, f)
     logger.info("latent cache: %d latents written to %s in %.0f s", n, directory,
                 time.time() - t0)
   multihost_utils.sync_global_devices("ldm_jax latent cache")

@@ -7,6 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ldm_jax.data.conditions import context_kind
 from ldm_jax.data.sources import DataError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -66,3 +67,30 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tok.save(path)
   return path
+
+
+def tokenizer_for(cond_config, workdir: str | None, captions=None) -> TextTokenizer | None:
+  """The tokenizer of a text-conditioned config (None for other routes).
+
+  cond.text_tokenizer='vocab' reads cond.text_vocab; 'train' reads <workdir>/tokenizer.json, or
+  first trains it on process 0 from `captions()` (an iterable of the training captions) while
+  the other hosts wait.
+  """
+  c = cond_config
+  if context_kind(c) != "text":
+    return None
+  if c.text_tokenizer == "vocab":
+    return TextTokenizer(c.text_vocab, c.text_max_length)
+  if workdir is None:
+    raise DataError("cond.text_tokenizer='train' needs a workdir to keep the tokenizer in")
+  path = os.path.join(workdir, "tokenizer.json")
+  if not os.path.exists(path):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      if captions is None:
+        raise DataError(f"cond.text_tokenizer='train': '{path}' does not exist and no captions "
+                        f"were given to train it on")
+      train_wordpiece(captions(), c.text_vocab_size, path)
+    multihost_utils.sync_global_devices("ldm_jax tokenizer")
+  return TextTokenizer(path, c.text_max_length)

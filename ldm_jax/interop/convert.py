@@ -73,11 +73,11 @@ def to_diffusers(args) -> str:
     return args.out
   from ldm_jax.inference import load_pipeline  # pylint: disable=g-import-not-at-top
   pipeline = load_pipeline(args.export)
-  first = pipeline.stage.first
+  first = pipeline.ldm.first
   diffusers.save_diffusers_vae(os.path.join(args.out, "vae"), first.module, first.variables,
                                scaling_factor=pipeline.scale_factor, dtype=args.dtype)
   latent = pipeline.config.data.image_size // first.downsample_factor
-  diffusers.save_diffusers_unet(os.path.join(args.out, "unet"), pipeline.stage.unet,
+  diffusers.save_diffusers_unet(os.path.join(args.out, "unet"), pipeline.ldm.unet,
                                 {"params": pipeline.params["unet"]}, sample_size=latent,
                                 dtype=args.dtype)
   if "class" in pipeline.params["cond"]:

@@ -8,7 +8,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 AXES = ("data", "fsdp")
 # The batch is split over both axes: every device sees a different slice of every batch.

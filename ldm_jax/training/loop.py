@@ -22,9 +22,16 @@ from ldm_jax.errors import TrainingDiverged
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding as sharding_lib
 from ldm_jax.training import reporting
-from ldm_jax.training.stages import build_stage
+from ldm_jax.training.resume import check_resume_config
+from ldm_jax.training.stage1 import AutoencoderStage
+from ldm_jax.training.stage2 import LatentDiffusionStage
 
 logger = logging.getLogger("ldm_jax")
+
+# Version of the metadata saved with every training checkpoint: 2 adds 'format' and 'model'
+# (the stage's describe(): class count, tokenizer, pinned first stage). Version-1 checkpoints
+# (no 'format') still resume: their facts are re-derived as before.
+CHECKPOINT_FORMAT = 2
 
 
 
@@ -93,13 +100,19 @@ class Trainer:
       raise config_lib.ConfigError(
           f"train.batch_size / train.grad_accum = {micro} must be divisible by the {n_shards} "
           f"devices of the mesh")
-    self.stage = build_stage(config, self.mesh, self.workdir)
-    self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-    self.replicated = mesh_lib.replicated(self.mesh)
-    self.rules = config.mesh.rules or sharding_lib.DEFAULT_RULES
     self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                      keep=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpointing)
+    facts = None
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      meta = self.checkpointer.read_meta(latest)
+      check_resume_config(meta.get("config"), config, f"{self.workdir}/checkpoints/{latest}")
+      facts = meta.get("model")
+    self.stage = build_stage(config, self.mesh, self.workdir, facts)
+    self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+    self.replicated = mesh_lib.replicated(self.mesh)
+    self.rules = config.mesh.rules or sharding_lib.DEFAULT_RULES
     self._build_data()
     self._build_state()
     self._compile()
@@ -146,8 +159,7 @@ class Trainer:
       self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)
     self.start_step = int(self.state.step)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(c.to_json_best_effort(indent=2))
+      _write_if_changed(os.path.join(self.workdir, "config.json"), c.to_json_best_effort(indent=2))
     for line in sharding_lib.describe(abstract_state.params, self._shardings(
         abstract_state.params)):
       logger.debug("sharded: %s", line)
@@ -163,8 +175,9 @@ class Trainer:
 
   # -- the loop --------------------------------------------------------------------------------
   def _meta(self) -> dict[str, Any]:
-    return {"data": self.pipeline.get_state(), "stage": self.config.stage,
-            "config": json.loads(self.config.to_json_best_effort())}
+    return {"format": CHECKPOINT_FORMAT, "data": self.pipeline.get_state(),
+            "stage": self.config.stage, "config": json.loads(self.config.to_json_best_effort()),
+            "model": self.stage.describe()}
 
   def save(self, step: int, force: bool = False) -> bool:
     saved = self.checkpointer.save(step, self.state, self._meta(), force=force)
@@ -262,6 +275,33 @@ class Trainer:
   def close(self):
     self.pipeline.close()
     self.checkpointer.close()
+
+
+# The trainer of each `config.stage` (the schema's `stage` choices).
+STAGES = {"autoencoder": AutoencoderStage, "ldm": LatentDiffusionStage}
+
+
+def build_stage(config, mesh, workdir: str | None = None, facts: dict | None = None):
+  """The Stage that trains `config.stage`."""
+  if config.stage not in STAGES:
+    raise config_lib.ConfigError(f"stage: no trainer for '{config.stage}' (known: "
+                                 f"{sorted(STAGES)})")
+  return STAGES[config.stage](config, mesh, workdir, facts)
+
+
+def _write_if_changed(path: str, text: str):
+  """Writes `text` to `path` through a temporary file and a rename, unless it is there already
+  (a resume does not rewrite its config, and a kill never leaves half a file)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
+  except OSError:
+    pass
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

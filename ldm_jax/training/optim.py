@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import optax
 
-from ldm_jax.config import ConfigError
+from ldm_jax.errors import ConfigError
 
 
 def peak_lr(train_config, lr: float | None = None) -> float:

@@ -19,7 +19,7 @@ from ldm_jax.losses import autoencoder as losses
 from ldm_jax.models.autoencoder import apply_codebook_restarts
 from ldm_jax.models.build import build_autoencoder, build_discriminator, dtype_of
 from ldm_jax.training import optim
-from ldm_jax.training.stages import Stage, apply_step, register
+from ldm_jax.training.stages import Stage, apply_step
 from ldm_jax.training.state import TrainState
 
 def reconstruct(ae, variables, x, is_vq: bool):
@@ -32,13 +32,12 @@ def reconstruct(ae, variables, x, is_vq: bool):
   return x_rec, {"kl": losses.kl_loss(posterior)}
 
 
-@register("autoencoder")
 class AutoencoderStage(Stage):
   """Trains AutoencoderKL / VQModel with L1 (or L2) + LPIPS + KL / VQ + PatchGAN losses."""
   name = "autoencoder"
 
-  def __init__(self, config, mesh, workdir: str | None = None):
-    super().__init__(config, mesh, workdir)
+  def __init__(self, config, mesh, workdir: str | None = None, facts: dict | None = None):
+    super().__init__(config, mesh, workdir, facts)
     m, l, t = config.model, config.loss, config.train
     self.dtype = dtype_of(t.compute_dtype)
     self.is_vq = m.type == "vq"

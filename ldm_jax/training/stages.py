@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.config import ConfigError
 from ldm_jax.training.state import ema_decay_at, ema_update
 
 
@@ -26,10 +25,12 @@ class Stage:
   """
   name = "stage"
 
-  def __init__(self, config, mesh, workdir: str | None = None):
+  def __init__(self, config, mesh, workdir: str | None = None, facts: dict | None = None):
+    """`facts`: what the checkpoint being resumed recorded about the model (see describe)."""
     self.config = config
     self.mesh = mesh
     self.workdir = workdir
+    self.facts = dict(facts or {})
     self.frozen: Any = {}
 
   def example_fn(self, train: bool):
@@ -40,6 +41,11 @@ class Stage:
     iterate."""
     del train
     return source
+
+  def describe(self) -> dict:
+    """What the model is beyond its config (class count, tokenizer, first stage...): saved in
+    every checkpoint and handed back as `facts` on resume."""
+    return {}
 
   def prepare(self, state, batch, frozen):
     """A one-off transformation of a freshly initialised state (e.g. scale_by_std)."""
@@ -113,22 +119,3 @@ def apply_step(state, batch, *, grad_fn: Callable, tx, train_config,
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema, model_state=model_state)
   return new_state, metrics
-
-
-_BUILDERS: dict[str, Callable] = {}
-
-
-def register(name: str):
-  def wrap(builder):
-    _BUILDERS[name] = builder
-    return builder
-  return wrap
-
-
-def build_stage(config, mesh, workdir: str | None = None) -> Stage:
-  """The Stage for `config.stage` (imports the stage modules on first use)."""
-  # pylint: disable=g-import-not-at-top,unused-import
-  from ldm_jax.training import stage1, stage2  # noqa: F401
-  if config.stage not in _BUILDERS:
-    raise ConfigError(f"stage: no trainer for '{config.stage}' (known: {sorted(_BUILDERS)})")
-  return _BUILDERS[config.stage](config, mesh, workdir)

@@ -15,7 +15,9 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.checkpoint import Checkpointer, CheckpointError
 from ldm_jax.data.pipeline import InputPipeline
 from ldm_jax.data.sources import open_source
+from ldm_jax.errors import ConfigError
 from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.training import loop as loop_lib
 from ldm_jax.training.loop import Trainer, TrainingDiverged, train_and_evaluate
 from ldm_jax.training.stage1 import AutoencoderStage
 from ldm_jax.training.stages import accumulate_gradients
@@ -166,8 +168,15 @@ def test_corrupt_checkpoint_is_a_clear_error(copy_of_three_steps):
     Trainer(small_config(**ONE_DEVICE), str(workdir), devices=jax.devices()[:1])
 
 
-def test_mismatched_checkpoint_names_the_parameters(copy_of_three_steps):
+def test_mismatched_checkpoint_names_the_field_then_the_parameters(copy_of_three_steps,
+                                                                   monkeypatch):
   _, workdir = copy_of_three_steps
+  # The saved config names the changed field first...
+  with pytest.raises(ConfigError, match=r"model.ch 128 -> 64: the checkpoint in .* cannot "
+                     r"resume as a different model"):
+    Trainer(small_config(model__ch=64, **ONE_DEVICE), str(workdir), devices=jax.devices()[:1])
+  # ...and without it (checkpoints that record no config) the arrays' shapes still do.
+  monkeypatch.setattr(loop_lib, "check_resume_config", lambda *args: None)
   with pytest.raises(CheckpointError, match=r"does not match this config: .*shape mismatch: "
                      r"params/ae/decoder/conv_in/bias: checkpoint \(64,\) vs model \(128,\)"):
     Trainer(small_config(model__ch=64, **ONE_DEVICE), str(workdir), devices=jax.devices()[:1])

@@ -2,6 +2,7 @@
 changes, scale_by_std is computed from the first batch and restored on resume, the latent cache,
 and text conditioning with a tokenizer trained on the captions."""
 import json
+import logging
 import os
 
 import jax
@@ -13,6 +14,7 @@ from ldm_jax.checkpoint import load_inference
 from ldm_jax.data import sources
 from ldm_jax.data.preprocess import image_example_fn
 from ldm_jax.data.sources import DataError
+from ldm_jax.errors import ConfigError
 from ldm_jax.training.loop import Trainer, train_and_evaluate
 from tests.conftest import load_config
 from tests.helpers import captioned_digits_tfds, export_random_autoencoder
@@ -72,7 +74,8 @@ def test_frozen_autoencoder_is_bit_identical_and_not_checkpointed(autoencoder, t
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_scale_by_std_uses_the_first_batch_and_survives_resume(autoencoder, tmp_path):
+def test_scale_by_std_survives_resume_and_config_changes_are_checked(autoencoder, tmp_path,
+                                                                     caplog):
   config = ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=2)
   trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:1])
   try:
@@ -88,13 +91,24 @@ def test_scale_by_std_uses_the_first_batch_and_survives_resume(autoencoder, tmp_
   assert stage.config.diffusion.scale_by_std
   np.testing.assert_allclose(scale, want, rtol=1e-5)
   assert abs(scale - 1.0) > 0.01
-  resumed = Trainer(ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=4), str(tmp_path),
-                    devices=jax.devices()[:1])
+  # A changed learning rate resumes with a warning naming it...
+  logging.getLogger("ldm_jax").addHandler(caplog.handler)   # whether or not it propagates
+  try:
+    resumed = Trainer(ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=4, train__lr=5e-4),
+                      str(tmp_path), devices=jax.devices()[:1])
+  finally:
+    logging.getLogger("ldm_jax").removeHandler(caplog.handler)
   try:
     assert int(resumed.state.step) == 2
     assert float(resumed.state.model_state["scale_factor"]) == scale
+    assert "train.lr 0.001 -> 0.0005" in caplog.text
   finally:
     resumed.close()
+  # ...a changed architecture stops with one line naming the field.
+  with pytest.raises(ConfigError, match=r"^unet.channel_mult \[1, 2\] -> \[1, 1\]: the "
+                     r"checkpoint in .* cannot resume as a different model"):
+    Trainer(ldm_config(autoencoder, mesh__fsdp=1, unet__channel_mult=(1, 1)), str(tmp_path),
+            devices=jax.devices()[:1])
 
 
 @pytest.mark.slow  # compile-bound on CPU; run with -m slow

@@ -1,0 +1,132 @@
+"""What each conditioning route needs from an example, prepared on the host.
+
+A route is the pair (context, concat) of a `config.cond` section:
+
+  context  'class' -> label            'text' -> tokens (caption through the tokenizer)
+  concat   'lowres' -> the image bicubic-downsampled to the latent grid (super-resolution)
+           'inpaint' -> a random mask (the masked image is encoded on the device)
+           'segmentation' -> the integer map, cropped and flipped WITH its image
+
+Spatial conditions are derived from (or cropped together with) the image after augmentation, so
+image and condition always show the same pixels. Entries of a latent cache carry the conditions
+computed from the cached (centre-cropped) image; a random flip flips latent and conditions
+together. Inpainting cannot use a cache: its condition is a fresh encoding of a masked image.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ldm_jax.data import masks as masks_lib
+from ldm_jax.data.preprocess import image_example_fn, to_float, to_uint8
+from ldm_jax.errors import ConfigError
+
+# Spatial conditions a latent-cache entry stores next to its latent, per concat route.
+CACHED_CONDITIONS = {"lowres": ("lowres",), "segmentation": ("segmentation",)}
+
+
+def context_kind(cond_config) -> str:
+  """'class', 'text' or '': what feeds the cross-attention."""
+  if cond_config.type in ("class", "text"):
+    return cond_config.type
+  if cond_config.type == "hybrid":
+    return cond_config.context
+  return ""
+
+
+def concat_kind(cond_config) -> str:
+  """'lowres', 'inpaint', 'segmentation' or '': the spatial condition concatenated to z_t."""
+  return cond_config.concat if cond_config.type in ("concat", "hybrid") else ""
+
+
+def needs_labels(cond_config) -> bool:
+  return context_kind(cond_config) == "class" or cond_config.type == "adm"
+
+
+def check_cacheable(cond_config):
+  """Refuses routes whose condition cannot come from a latent cache (named fields)."""
+  if concat_kind(cond_config) == "inpaint":
+    raise ConfigError("first_stage.precompute_latents: cond.concat='inpaint' encodes a freshly "
+                      "masked image every step, which a latent cache cannot hold; set "
+                      "first_stage.precompute_latents=False")
+
+
+def downsample_image(image: np.ndarray, size: int) -> np.ndarray:
+  """A float [-1, 1] image -> (size, size) with PIL's antialiased bicubic filter."""
+  u8 = to_uint8(image)
+  pil = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
+  small = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+  return to_float(small[..., None] if small.ndim == 2 else small)
+
+
+def spatial_conditions(concat: str, image: np.ndarray, latent_size: int) -> dict:
+  """Conditions computed from an (augmented) image: the low-resolution input for 'lowres'."""
+  if concat == "lowres":
+    return {"lowres": downsample_image(image, latent_size)}
+  return {}
+
+
+def _flip(out: dict, keys) -> dict:
+  for key in keys:
+    if key in out:
+      out[key] = np.ascontiguousarray(out[key][:, ::-1])
+  return out
+
+
+def cached_example(example: dict, rng: np.random.Generator, *, flip: bool) -> dict:
+  """A latent-cache entry -> a training example; a flip flips latent and conditions alike."""
+  out = {"latent": np.asarray(example["latent"], np.float32)}
+  for key in ("lowres", "segmentation"):
+    if key in example:
+      out[key] = np.asarray(example[key])
+  if flip and rng.random() < 0.5:
+    _flip(out, ("latent", "lowres", "segmentation"))
+  if "label" in example:
+    out["label"] = np.int32(example["label"])
+  return out
+
+
+def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
+  """fn(raw example, rng) -> the batch entry of `config`'s route: image (or cached latent),
+  label, tokens, and the spatial condition, each aligned with the image it belongs to."""
+  c = config.cond
+  image_fn = image_example_fn(config.data, train)
+  concat = concat_kind(c)
+  size = config.data.image_size
+  if concat == "segmentation" and c.seg_classes <= 0:
+    raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
+
+  def fn(example, rng):
+    if "latent" in example:
+      out = cached_example(example, rng, flip=train and config.data.random_flip)
+    else:
+      if concat == "segmentation" and "segmentation" not in example:
+        raise ConfigError("cond.concat='segmentation': the training examples have no "
+                          "segmentation map (set data.segmentation_key)")
+      out = image_fn(example, rng)   # crops and flips a segmentation map with its image
+      out.update(spatial_conditions(concat, out["image"], latent_size))
+    if concat != "segmentation":
+      out.pop("segmentation", None)
+    if tokenizer is not None:
+      out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
+    if concat == "inpaint":
+      out["mask"] = masks_lib.random_mask(rng, size, size)
+    return out
+
+  return fn
+
+
+def cache_example_fn(config, *, latent_size: int):
+  """fn(raw example, rng) -> the centre-cropped image plus the spatial conditions the route
+  stores in a latent cache (see CACHED_CONDITIONS)."""
+  image_fn = image_example_fn(config.data, train=False)
+  concat = concat_kind(config.cond)
+
+  def fn(example, rng):
+    out = image_fn(example, rng)
+    out.update(spatial_conditions(concat, out["image"], latent_size))
+    if concat != "segmentation":
+      out.pop("segmentation", None)
+    return out
+
+  return fn

@@ -1,0 +1,215 @@
+"""The latent diffusion model as one object: frozen first stage + conditioner + UNet + schedule.
+
+Training (ldm_jax/training/stage2.py) and inference (ldm_jax/inference.py) both use it, so the
+loss, the denoiser and the sampler see the model the same way. It holds modules and facts, no
+weights: parameters ({'unet', 'cond'}), the frozen autoencoder's variables and the latent scale
+factor are arguments of every method, which keeps them jittable with any sharding.
+
+The denoiser has one calling convention everywhere: model_fn(x_t, t, cond) with `cond` the
+dict the conditioner returns (context, context_mask, y, concat).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.conditioner import Conditioner, check_conditioning
+from ldm_jax.diffusion import process, samplers
+from ldm_jax.diffusion.schedules import make_schedule
+from ldm_jax.errors import ConfigError
+from ldm_jax.first_stage import FirstStage
+from ldm_jax.models.build import build_unet, dtype_of
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """How to sample; None fields take the config's `sample` section."""
+  sampler: str | None = None
+  steps: int | None = None
+  eta: float | None = None
+  guidance_scale: float | None = None
+  spacing: str | None = None
+
+  def resolve(self, sample_config) -> "SampleSettings":
+    s = sample_config
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return SampleSettings(pick(self.sampler, s.sampler), pick(self.steps, s.steps),
+                          pick(self.eta, s.eta), pick(self.guidance_scale, s.guidance_scale),
+                          self.spacing or s.spacing)
+
+
+class LatentDiffusion:
+  """An LDM built from a stage-2 config, its first stage, class count and tokenizer."""
+
+  def __init__(self, config, first: FirstStage, *, num_classes: int = 0, tokenizer=None):
+    c = config
+    self.config, self.first, self.tokenizer = config, first, tokenizer
+    self.num_classes = num_classes
+    self.dtype = dtype_of(c.train.compute_dtype)
+    _check_first_stage(c, first)
+    check_conditioning(c, first, num_classes)
+    self.schedule = make_schedule(c.diffusion)
+    self.latent_size = c.data.image_size // first.downsample_factor
+    vocab = tokenizer.vocab_size if tokenizer is not None else 0
+    self.cond = Conditioner(c, first, vocab, num_classes, self.dtype)
+    self.unet = build_unet(c.unet, in_channels=first.latent_channels + self.cond.concat_channels,
+                           out_channels=first.latent_channels, context=bool(self.cond.context),
+                           adm_classes=self.cond.adm_classes, dtype=self.dtype)
+
+  # -- parameters ------------------------------------------------------------------------------
+  def init_params(self, rng, batch) -> dict:
+    """{'unet', 'cond'} parameters; `batch` needs the keys the conditioner reads."""
+    r_unet, r_cond = jax.random.split(rng)
+    cond_params = self.cond.init(r_cond, jax.tree_util.tree_map(lambda x: x[:1], batch))
+    z = jnp.zeros((1, self.latent_size, self.latent_size, self.first.latent_channels))
+    inputs = self.cond.dummy_inputs(1, self.latent_size)
+    unet_params = self.unet.init(r_unet, *self._unet_args(z, jnp.zeros((1,), jnp.int32),
+                                                          inputs))["params"]
+    return {"unet": unet_params, "cond": cond_params}
+
+  def dummy_batch(self, b: int = 1) -> dict:
+    """A zero batch with every key init reads (for abstract inits when loading weights)."""
+    size, ch = self.config.data.image_size, self.first.channels
+    batch = {"image": jnp.zeros((b, size, size, ch)), "label": jnp.zeros((b,), jnp.int32)}
+    if self.tokenizer is not None:
+      batch["tokens"] = jnp.zeros((b, self.config.cond.text_max_length), jnp.int32)
+    return batch
+
+  def abstract_params(self):
+    """ShapeDtypeStructs of the parameters (no compute, no memory)."""
+    return jax.eval_shape(self.init_params, jax.random.PRNGKey(0), self.dummy_batch())
+
+  # -- the model -------------------------------------------------------------------------------
+  def latents(self, frozen_ae, batch, rng, scale):
+    """Scaled latents of a batch of images or latent-cache entries (a posterior sample when
+    first_stage.sample_posterior and rng is given, else the mode)."""
+    sample = rng if self.config.first_stage.sample_posterior else None
+    if "latent" in batch:
+      z = self.first.latent_from_moments(batch["latent"], sample)
+    else:
+      z = self.first.latent(frozen_ae, batch["image"], sample)
+    return z * scale
+
+  def conditions(self, params, batch, frozen_ae, drop, scale, train=False, rng=None) -> dict:
+    return self.cond(params["cond"], batch, frozen_ae, drop, scale, train, rng)
+
+  def _unet_args(self, z, t, cond):
+    x = z if cond["concat"] is None else jnp.concatenate([z, cond["concat"]], axis=-1)
+    return x, t, cond["context"], cond["y"], cond["context_mask"]
+
+  def model_fn(self, params, train: bool = False, rng=None):
+    """The denoiser model_fn(x_t, t, cond) for the loss and the samplers."""
+    rngs = {"dropout": rng} if train and rng is not None else None
+
+    def fn(x_t, t, cond):
+      return self.unet.apply({"params": params["unet"]}, *self._unet_args(x_t, t, cond),
+                             train=train, rngs=rngs)
+    return fn
+
+  def loss(self, params, batch, frozen_ae, scale, rng, *, train: bool = True, p_uncond=None):
+    """(mean loss, per-example losses, timesteps, latents) of one batch; conditions are
+    dropped with probability cond.p_uncond (training) for classifier-free guidance."""
+    d = self.config.diffusion
+    r_latent, r_drop, r_loss, r_dropout = jax.random.split(rng, 4)
+    z = self.latents(frozen_ae, batch, r_latent if train else None, scale)
+    p = self.config.cond.p_uncond if p_uncond is None else p_uncond
+    drop = jax.random.bernoulli(r_drop, p, (z.shape[0],))
+    cond = self.conditions(params, batch, frozen_ae, drop, scale, train, r_dropout)
+    model = lambda x, t: self.model_fn(params, train, r_dropout)(x, t, cond)  # noqa: E731
+    weighting = d.loss_weighting if train else "none"
+    loss, per_example, t = process.diffusion_loss(
+        model, self.schedule, z, r_loss, parameterization=d.parameterization,
+        loss_type=d.loss_type, weighting=weighting, min_snr_gamma=d.min_snr_gamma)
+    return loss, per_example, t, z
+
+  # -- sampling --------------------------------------------------------------------------------
+  def sample(self, params, frozen_ae, scale, cond_batch, x_T, noise_keys,
+             settings: SampleSettings = SampleSettings(), mask=None):
+    """Latents from noise x_T, conditioned on cond_batch (guided when the model is conditional
+    and guidance_scale != 1)."""
+    s = settings.resolve(self.config.sample)
+    keep = jnp.zeros((x_T.shape[0],), bool)
+    cond = self.conditions(params, cond_batch, frozen_ae, keep, scale)
+    guidance = None
+    if self.cond.conditional and s.guidance_scale != 1.0:
+      null = self.conditions(params, cond_batch, frozen_ae, ~keep, scale)
+      guidance = samplers.Guidance(s.guidance_scale, null)
+    kwargs = dict(parameterization=self.config.diffusion.parameterization, guidance=guidance,
+                  mask=mask, eta=s.eta, spacing=s.spacing)
+    if s.sampler != "ddpm":
+      kwargs["steps"] = s.steps
+    return samplers.sample(s.sampler, self.model_fn(params), self.schedule, x_T, cond,
+                           noise_keys, **kwargs)
+
+  def decode(self, frozen_ae, z, scale, tile: int = 0):
+    """Scaled latents -> images (unclipped); `tile` > 0 decodes in overlapping tiles."""
+    decode = lambda lat: self.first.decode(frozen_ae, lat / scale)  # noqa: E731
+    return tiled_decode(decode, z, tile, self.first.downsample_factor) if tile else decode(z)
+
+  def latent_shape(self, batch: int, image_size: int | None = None):
+    size = (image_size or self.config.data.image_size) // self.first.downsample_factor
+    return (batch, size, size, self.first.latent_channels)
+
+  def generate(self, params, frozen_ae, scale, key, indices, cond_batch,
+               settings: SampleSettings = SampleSettings(), image_size=None, tile: int = 0):
+    """Images of samples `indices` (B,): sample i's noise is drawn from fold_in(key, i), so it
+    does not depend on the batch it lands in, the device count, or a resume."""
+    shape = self.latent_shape(indices.shape[0], image_size)[1:]
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+    x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(sample_keys)
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(sample_keys)
+    z = self.sample(params, frozen_ae, scale, cond_batch, x_T, noise_keys, settings)
+    return jnp.clip(self.decode(frozen_ae, z, scale, tile), -1.0, 1.0)
+
+  def describe(self) -> dict:
+    """What the model is, beyond its config: recorded in checkpoints and exports."""
+    return {"num_classes": int(self.num_classes),
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.path,
+            "first_stage": dict(self.first.identity, source=self.first.source)}
+
+
+def _check_first_stage(config, first: FirstStage):
+  if config.data.channels != first.channels:
+    raise ConfigError(f"data.channels ({config.data.channels}) differs from the first stage's "
+                      f"({first.channels}, {first.source})")
+  f = first.downsample_factor * 2 ** (len(config.unet.channel_mult) - 1)
+  if config.data.image_size % f:
+    raise ConfigError(f"data.image_size ({config.data.image_size}) must be divisible by {f}: "
+                      f"the first stage's f={first.downsample_factor} times the UNet's "
+                      f"{len(config.unet.channel_mult) - 1} downsamplings")
+
+
+def tiled_decode(decode_fn, z, tile: int, factor: int, overlap: float = 0.25):
+  """Decodes latents (B, h, w, C) in overlapping `tile` x `tile` latent tiles, blending the
+  decoded tiles with linear ramps, so memory grows with the tile, not the image.
+
+  Tiles are decoded one after another (lax.map) through the same compiled decoder.
+  """
+  b, h, w, _ = z.shape
+  if tile >= h and tile >= w:
+    return decode_fn(z)
+  stride = max(1, int(tile * (1 - overlap)))
+  tile_h, tile_w = min(tile, h), min(tile, w)
+
+  def starts(size, t):
+    s = list(range(0, max(size - t, 0) + 1, stride))
+    if s[-1] != size - t:
+      s.append(size - t)
+    return s
+
+  origins = [(y, x) for y in starts(h, tile_h) for x in starts(w, tile_w)]
+  tiles = jnp.stack([z[:, y:y + tile_h, x:x + tile_w] for y, x in origins])
+  decoded = jax.lax.map(decode_fn, tiles)               # (T, B, th*f, tw*f, C)
+  ramp = lambda n: np.minimum(np.arange(1, n + 1), np.arange(n, 0, -1)).astype(  # noqa: E731
+      np.float32)
+  weight = np.outer(ramp(tile_h * factor), ramp(tile_w * factor))[None, :, :, None]
+  out = jnp.zeros((b, h * factor, w * factor, decoded.shape[-1]), decoded.dtype)
+  norm = jnp.zeros((1, h * factor, w * factor, 1), decoded.dtype)
+  for k, (y, x) in enumerate(origins):
+    ys, xs = slice(y * factor, (y + tile_h) * factor), slice(x * factor, (x + tile_w) * factor)
+    out = out.at[:, ys, xs].add(decoded[k] * weight)
+    norm = norm.at[:, ys, xs].add(weight)
+  return out / norm

@@ -1,0 +1,82 @@
+"""Resuming a run with a changed config: which changes stop it and which go on with a warning.
+
+The config saved in the checkpoint being resumed is compared with the one given now. A change to
+what the parameters are or mean (architecture, conditioning, diffusion process, first stage,
+image size) cannot resume and stops with one line naming the fields; anything else (optimizer,
+learning-rate schedule, logging, data order, mesh) goes on with a warning naming them.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+
+from ldm_jax.errors import ConfigError
+
+logger = logging.getLogger("ldm_jax")
+
+# Fields (glob patterns over dotted paths) whose change makes the checkpoint another model.
+ARCHITECTURE_FIELDS = (
+    "stage", "data.image_size", "data.channels",
+    # stage 1
+    "model.*", "disc.num_layers", "disc.base_channels", "disc.norm",
+    # stage 2
+    "first_stage.checkpoint", "first_stage.use_ema", "unet.*", "cond.*",
+    "diffusion.timesteps", "diffusion.beta_schedule", "diffusion.linear_start",
+    "diffusion.linear_end", "diffusion.cosine_s", "diffusion.parameterization",
+    "diffusion.scale_factor", "diffusion.scale_by_std",
+)
+# Exceptions to the patterns above: they change how the model runs, not what it is.
+RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_impl",
+                  "unet.dropout", "cond.p_uncond")
+# Fields the new config may lack in old checkpoints' configs (added since), with the value the
+# old code behaved as.
+ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5}
+
+
+def _flat(tree, prefix="") -> dict:
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flat(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def is_architecture(path: str) -> bool:
+  if path in RUNTIME_FIELDS:
+    return False
+  return any(fnmatch.fnmatchcase(path, pattern) for pattern in ARCHITECTURE_FIELDS)
+
+
+def changed_fields(saved: dict, current) -> dict[str, tuple]:
+  """{path: (saved value, current value)} of every field that differs (JSON-normalised)."""
+  now = _flat(json.loads(current.to_json_best_effort()) if hasattr(current, "to_json_best_effort")
+              else current)
+  then = _flat(saved)
+  out = {}
+  for path in sorted(set(now) | set(then)):
+    old = then.get(path, ADDED_FIELDS.get(path))
+    new = now.get(path)
+    if old != new:
+      out[path] = (old, new)
+  return out
+
+
+def check_resume_config(saved: dict | None, current, where: str):
+  """Raises ConfigError for architecture changes; logs a warning for the other changes."""
+  if not saved:
+    return
+  changes = changed_fields(saved, current)
+  arch = {k: v for k, v in changes.items() if is_architecture(k)}
+  if arch:
+    listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(arch.items())[:3])
+    more = f" (+{len(arch) - 3} more)" if len(arch) > 3 else ""
+    raise ConfigError(f"{listed}{more}: the checkpoint in {where} was trained with the old "
+                      f"value and cannot resume as a different model; restore the field(s) or "
+                      f"use a new workdir")
+  if changes:
+    listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    logger.warning("resuming with a changed config: %s", listed)
