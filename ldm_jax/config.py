@@ -151,6 +151,8 @@ _AUTOENCODER = {
                                "(EMA, decay 0.99) falls below this fraction of uniform use."),
         "remat": F(False, "Recompute ResNet-block activations in the backward pass (jax.remat) "
                    "to save memory."),
+        "norm_groups": F(32, "GroupNorm group count of every norm (the reference: 32; diffusers' "
+                         "norm_num_groups). Must divide ch x every ch_mult."),
     },
     "loss": {
         "rec_loss": F("l1", "Pixel reconstruction loss.", choices=("l1", "l2")),
@@ -221,6 +223,10 @@ _LDM = {
         "dropout": F(0.0, "Dropout inside ResBlocks and transformer blocks."),
         "remat": F(False, "Gradient checkpointing (jax.remat) per block: less memory, ~30% "
                    "more compute."),
+        "norm_groups": F(32, "GroupNorm group count of the ResBlocks, attention blocks and output "
+                         "norm (the reference: 32; diffusers' norm_num_groups)."),
+        "norm_eps": F(1e-5, "GroupNorm epsilon of the ResBlocks and output norm (diffusers' "
+                      "norm_eps); SpatialTransformer norms keep 1e-6 as in the reference."),
         "attention_impl": F("xla", "'xla' everywhere; 'cudnn' for the fused flash-attention "
                             "kernel on NVIDIA GPUs (bfloat16 compute).",
                             choices=("xla", "cudnn")),

@@ -3,7 +3,8 @@
 Both importers (CompVis, diffusers) describe a model by the ldm_jax fields it needs: a stage-1
 config for the autoencoder, UNet constructor fields for the UNet. From those this module builds
 the module, its expected parameter tree (jax.eval_shape of init, so nothing is allocated twice),
-fills it from a torch-named state dict, and writes the ldm_jax configs an export carries.
+fills it from a torch-named state dict by the name map derived from that tree (names.py), and
+writes the ldm_jax configs an export carries.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ldm_jax.models.build import build_autoencoder
 UNET_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                "attention_resolutions", "conv_resample", "num_classes", "use_scale_shift_norm",
                "resblock_updown", "num_heads", "num_head_channels", "use_spatial_transformer",
-               "transformer_depth", "use_linear_proj")
+               "transformer_depth", "use_linear_proj", "norm_groups", "norm_eps")
 
 
 def _no_data(config, source: str):
@@ -35,7 +36,8 @@ def _no_data(config, source: str):
 # ---------------------------------------------------------------------------------------------
 def autoencoder_config(*, kind: str, ch: int, ch_mult, num_res_blocks: int, attn_levels,
                        z_channels: int, embed_dim: int, image_size: int, channels: int,
-                       n_embed: int = 0, source: str = "") -> ml_collections.ConfigDict:
+                       n_embed: int = 0, norm_groups: int = 32,
+                       source: str = "") -> ml_collections.ConfigDict:
   """A validated stage-1 config. `attn_levels` are the levels with attention after each ResNet
   block (ldm_jax names them by feature-map side, at the training image size)."""
   c = config_lib.defaults("autoencoder")
@@ -43,7 +45,7 @@ def autoencoder_config(*, kind: str, ch: int, ch_mult, num_res_blocks: int, attn
   m.type, m.ch, m.ch_mult = kind, int(ch), tuple(int(x) for x in ch_mult)
   m.num_res_blocks, m.z_channels, m.embed_dim = int(num_res_blocks), int(z_channels), int(embed_dim)
   m.attn_resolutions = tuple(int(image_size) // 2 ** i for i in sorted(attn_levels))
-  m.dropout = 0.0
+  m.dropout, m.norm_groups = 0.0, int(norm_groups)
   if kind == "vq":
     m.n_embed = int(n_embed)
   c.data.image_size, c.data.channels = int(image_size), int(channels)
@@ -54,17 +56,23 @@ def autoencoder_config(*, kind: str, ch: int, ch_mult, num_res_blocks: int, attn
     raise UnsupportedError(f"{source}: the autoencoder has no ldm_jax equivalent: {e}") from e
 
 
-def autoencoder_map(config, layout: str) -> list[names.Entry]:
-  m = config.model
-  return names.autoencoder_entries(ch=m.ch, ch_mult=m.ch_mult, num_res_blocks=m.num_res_blocks,
-                                   attn_resolutions=m.attn_resolutions,
-                                   resolution=config.data.image_size, vq=m.type == "vq",
-                                   layout=layout)
-
-
 def autoencoder_module(config):
   return build_autoencoder(config.model, image_size=config.data.image_size,
                            channels=config.data.channels)
+
+
+def autoencoder_shapes(module):
+  """The variables of an autoencoder module as ShapeDtypeStructs (jax.eval_shape of init)."""
+  module = module.clone(attention_impl=None)     # the same tree; traceable on any host
+  x = jax.ShapeDtypeStruct((1, module.resolution, module.resolution, module.out_ch), jnp.float32)
+  return jax.eval_shape(lambda v: module.init({"params": jax.random.PRNGKey(0),
+                                               "sample": jax.random.PRNGKey(0)}, v), x)
+
+
+def autoencoder_map(config, layout: str) -> list[names.Entry]:
+  """The name map of the autoencoder of a stage-1 config, from its parameter tree."""
+  return names.autoencoder_entries(autoencoder_shapes(autoencoder_module(config))["params"],
+                                   layout)
 
 
 def _vq_state(module) -> dict:
@@ -79,11 +87,8 @@ def autoencoder_variables(config, state, layout: str, where: str, prefix: str = 
                           ignore=()):
   """(module, variables) of the autoencoder of `config` filled from `state`."""
   module = autoencoder_module(config)
-  size = config.data.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, config.data.channels), jnp.float32)
-  abstract = jax.eval_shape(lambda v: module.init({"params": jax.random.PRNGKey(0),
-                                                   "sample": jax.random.PRNGKey(0)}, v), x)
-  entries = names.prefixed(autoencoder_map(config, layout), prefix)
+  abstract = autoencoder_shapes(module)
+  entries = names.prefixed(names.autoencoder_entries(abstract["params"], layout), prefix)
   params = state_to_params(state, entries, abstract["params"], where, ignore)
   variables = {"params": _device(params)}
   if "vq" in abstract:
@@ -98,20 +103,33 @@ def unet_module(fields: dict) -> UNet:
   return UNet(**{k: fields[k] for k in UNET_FIELDS})
 
 
-def unet_variables(fields: dict, context_dim: int | None, state, layout: str, where: str,
-                   prefix: str = "", ignore=(), new_attention_heads=None):
-  """(module, variables) of the UNet of `fields` (UNet constructor fields) from `state`."""
-  module = unet_module(fields)
-  s = 2 ** (len(fields["channel_mult"]) - 1)
-  args = [jax.ShapeDtypeStruct((1, s, s, fields["in_channels"]), jnp.float32),
+def unet_shapes(module: UNet, context_dim: int | None) -> dict:
+  """The params of a UNet module as ShapeDtypeStructs (jax.eval_shape of init)."""
+  module = module.clone(attention_impl=None)     # the same tree; traceable on any host
+  s = 2 ** (len(module.channel_mult) - 1)
+  args = [jax.ShapeDtypeStruct((1, s, s, module.in_channels), jnp.float32),
           jax.ShapeDtypeStruct((1,), jnp.float32)]
   context = jax.ShapeDtypeStruct((1, 1, context_dim), jnp.float32) if context_dim else None
-  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if fields["num_classes"] else None
-  abstract = jax.eval_shape(
-      lambda x, t, c, y: module.init(jax.random.PRNGKey(0), x, t, c, y), *args, context, labels)
-  entries = names.prefixed(names.unet_entries(**fields, new_attention_heads=new_attention_heads,
-                                              layout=layout), prefix)
-  params = state_to_params(state, entries, abstract["params"], where, ignore)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if module.num_classes else None
+  return jax.eval_shape(lambda x, t, c, y: module.init(jax.random.PRNGKey(0), x, t, c, y),
+                        *args, context, labels)["params"]
+
+
+def unet_map(module: UNet, shapes, layout: str, new_attention_heads=None) -> list[names.Entry]:
+  """The name map of a UNet from its parameter tree (`shapes`: unet_shapes)."""
+  return names.unet_entries(shapes, layout, levels=len(module.channel_mult),
+                            num_res_blocks=module.num_res_blocks,
+                            new_attention_heads=new_attention_heads)
+
+
+def unet_variables(fields: dict, context_dim: int | None, state, layout: str, where: str,
+                   prefix: str = "", ignore=(), new_attention_heads=None, shapes=None):
+  """(module, variables) of the UNet of `fields` (UNet constructor fields) from `state`.
+  `shapes` (unet_shapes of that UNet) saves tracing it again when the caller has them."""
+  module = unet_module(fields)
+  shapes = unet_shapes(module, context_dim) if shapes is None else shapes
+  entries = names.prefixed(unet_map(module, shapes, layout, new_attention_heads), prefix)
+  params = state_to_params(state, entries, shapes, where, ignore)
   return module, {"params": _device(params)}
 
 
@@ -154,7 +172,7 @@ def class_embedder_variables(num_classes: int, embed_dim: int, null: str, state,
   module = ClassEmbedder(num_classes, embed_dim, null)
   abstract = jax.eval_shape(lambda y: module.init(jax.random.PRNGKey(0), y),
                             jax.ShapeDtypeStruct((1,), jnp.int32))
-  entries = names.prefixed(names.class_embedder_entries(), prefix)
+  entries = names.prefixed(names.class_embedder_entries(abstract["params"]), prefix)
   params = state_to_params(state, entries, abstract["params"], where)
   return module, {"params": _device(params)}
 
@@ -183,6 +201,7 @@ def ldm_config(*, unet_fields: dict, ae_config, latent_size: int, diffusion: dic
   u.use_scale_shift_norm = bool(unet_fields["use_scale_shift_norm"])
   u.resblock_updown = bool(unet_fields["resblock_updown"])
   u.conv_resample = bool(unet_fields["conv_resample"])
+  u.norm_groups, u.norm_eps = int(unet_fields["norm_groups"]), float(unet_fields["norm_eps"])
   u.dropout = 0.0
   for key, value in diffusion.items():
     c.diffusion[key] = value

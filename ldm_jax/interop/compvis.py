@@ -168,7 +168,8 @@ def unet_fields_from_yaml(unet: dict, where: str):
                 use_spatial_transformer=spatial,
                 transformer_depth=int(_uniform(u.get("transformer_depth", 1),
                                                "transformer_depth", where)),
-                use_linear_proj=bool(u.get("use_linear_in_transformer", False)))
+                use_linear_proj=bool(u.get("use_linear_in_transformer", False)),
+                norm_groups=32, norm_eps=1e-5)     # openaimodel's GroupNorm32, fixed
   try:
     build.unet_heads(fields)
   except ValueError as e:
@@ -277,15 +278,16 @@ def _with_ema(state: dict, entries, strip: str, where: str, what: str):
 
 
 def _unet(state, fields, context, new_order, use_ema, where, prefix=UNET, strip="model."):
-  entries = names.prefixed(names.unet_entries(**fields, new_attention_heads=new_order,
-                                              layout=names.COMPVIS), prefix)
+  module = build.unet_module(fields)
+  shapes = build.unet_shapes(module, context)
+  entries = names.prefixed(build.unet_map(module, shapes, names.COMPVIS, new_order), prefix)
   used_ema = use_ema and bool(_ema_keys(state))
   if used_ema:
     state = _with_ema(state, entries, strip, where, "UNet")
   part = {k: v for k, v in state.items() if k.startswith(prefix)}
   module, variables = build.unet_variables(fields, context, part, names.COMPVIS,
                                            f"{where} UNet ({prefix}*)", prefix,
-                                           new_attention_heads=new_order)
+                                           new_attention_heads=new_order, shapes=shapes)
   return module, variables, used_ema
 
 

@@ -95,7 +95,6 @@ def _mults(block_out_channels, where: str) -> tuple[int, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------
 _VAE_CHECKS = {
     "act_fn": ("silu", ("silu",), "ldm_jax's autoencoder uses SiLU"),
-    "norm_num_groups": (32, (32,), "ldm_jax's GroupNorm has 32 groups"),
     "mid_block_add_attention": (True, (True,), "ldm_jax's autoencoder always has a mid-block "
                                 "attention"),
     "use_quant_conv": (True, (True,), "ldm_jax's autoencoder always has quant_conv"),
@@ -138,7 +137,7 @@ def autoencoder_config_from_diffusers(config: dict, where: str, kind: str):
       kind=kind, ch=ch, ch_mult=mults, num_res_blocks=config.get("layers_per_block", 1),
       attn_levels=attn, z_channels=z, embed_dim=embed, image_size=size,
       channels=config.get("out_channels", 3), n_embed=config.get("num_vq_embeddings", 256),
-      source=where)
+      norm_groups=config.get("norm_num_groups", 32), source=where)
 
 
 def _vae_kind(config: dict, state: dict | None, where: str) -> str:
@@ -184,8 +183,6 @@ _UNET_CHECKS = {
     "freq_shift": (0, (0,), "ldm_jax's timestep frequencies have no shift"),
     "center_input_sample": (False, (False,), "ldm_jax does not recentre the input"),
     "act_fn": ("silu", ("silu",), "ldm_jax's UNet uses SiLU"),
-    "norm_num_groups": (32, (32,), "ldm_jax's GroupNorm has 32 groups"),
-    "norm_eps": (1e-5, (1e-5,), "ldm_jax's UNet GroupNorm epsilon is 1e-5"),
     "conv_in_kernel": (3, (3,), "ldm_jax's UNet conv_in is 3x3"),
     "conv_out_kernel": (3, (3,), "ldm_jax's UNet conv_out is 3x3"),
     "downsample_padding": (1, (1,), "ldm_jax's UNet downsampling pads by 1"),
@@ -252,7 +249,13 @@ def unet_fields_from_diffusers(config: dict, where: str) -> tuple[dict, int]:
                 use_scale_shift_norm=config.get("resnet_time_scale_shift") == "scale_shift",
                 resblock_updown=False, num_heads=heads, num_head_channels=-1,
                 use_spatial_transformer=True, transformer_depth=depth,
-                use_linear_proj=bool(config.get("use_linear_projection", False)))
+                use_linear_proj=bool(config.get("use_linear_projection", False)),
+                norm_groups=int(config.get("norm_num_groups", 32)),
+                norm_eps=float(config.get("norm_eps", 1e-5)))
+  groups = fields["norm_groups"]
+  if groups <= 0 or any((mc * m) % groups for m in (1, *mults)):
+    raise ConversionError(f"{where}: norm_num_groups={groups} does not divide block_out_channels "
+                          f"{list(config['block_out_channels'])}")
   try:
     build.unet_heads(fields)
   except ValueError as e:
@@ -321,7 +324,7 @@ def diffusers_vae_config(module, scaling_factor: float = 0.18215) -> dict:
                          for a in reversed(attn)],
       "block_out_channels": [module.ch * m for m in module.ch_mult],
       "layers_per_block": module.num_res_blocks, "act_fn": "silu",
-      "latent_channels": module.z_channels, "norm_num_groups": 32,
+      "latent_channels": module.z_channels, "norm_num_groups": module.norm_groups,
       "sample_size": module.resolution, "scaling_factor": float(scaling_factor),
       "mid_block_add_attention": True, "force_upcast": False,
   }
@@ -340,10 +343,10 @@ def save_diffusers_vae(path: str, module, variables, *, scaling_factor: float = 
   params = _host(variables["params"])
   if isinstance(module, VQModel) and module.ema_decay > 0:   # EMA codebook lives in 'vq'
     params = {**params, "quantize": {"embedding": _host(variables["vq"])["quantize"]["codebook"]}}
-  entries = names.autoencoder_entries(
-      ch=module.ch, ch_mult=module.ch_mult, num_res_blocks=module.num_res_blocks,
-      attn_resolutions=module.attn_resolutions, resolution=module.resolution,
-      vq=isinstance(module, VQModel), layout=names.DIFFUSERS)
+  shapes = build.autoencoder_shapes(module)["params"]
+  if "quantize" in params and "quantize" not in shapes:      # the EMA codebook, as a weight
+    shapes = {**shapes, "quantize": {"embedding": params["quantize"]["embedding"]}}
+  entries = names.autoencoder_entries(shapes, names.DIFFUSERS)
   return _write(path, config, params_to_state(params, entries), dtype)
 
 
@@ -401,7 +404,8 @@ def diffusers_unet_config(module: UNet, cross_attention_dim: int, sample_size: i
       "only_cross_attention": False,
       "block_out_channels": [module.model_channels * m for m in module.channel_mult],
       "layers_per_block": module.num_res_blocks, "downsample_padding": 1,
-      "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+      "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": module.norm_groups,
+      "norm_eps": module.norm_eps,
       "cross_attention_dim": int(cross_attention_dim),
       "transformer_layers_per_block": module.transformer_depth,
       "attention_head_dim": heads, "use_linear_projection": bool(module.use_linear_proj),
@@ -421,6 +425,5 @@ def save_diffusers_unet(path: str, module: UNet, variables, *, sample_size: int 
   if context is None:
     raise UnsupportedError("save_diffusers_unet: the UNet has no cross-attention")
   config = diffusers_unet_config(module, context, sample_size)
-  fields = {k: getattr(module, k) for k in build.UNET_FIELDS}
-  entries = names.unet_entries(**fields, layout=names.DIFFUSERS)
+  entries = build.unet_map(module, build.unet_shapes(module, context), names.DIFFUSERS)
   return _write(path, config, params_to_state(params, entries), dtype)

@@ -2,13 +2,20 @@
 
 A map is a list of `Entry`: a Flax module path, the matching torch module name and the kind of
 layer, which fixes the parameter names on both sides and how each tensor is laid out. The same
-list converts in both directions (ldm_jax/interop/weights.py does the tensor work), and it is
-derived from the architecture alone, so a checkpoint never decides what the model looks like.
+list converts in both directions (ldm_jax/interop/weights.py does the tensor work).
+
+Maps are derived from the model's own parameter tree (jax.eval_shape of its init), never from a
+second description of the architecture: every module of the tree is renamed by declarative
+`Rule`s (regular expressions over ldm_jax paths, a name template per layout), and the few
+structural facts a rename needs (diffusers' reversed decoder numbering, the UNet's
+input_blocks.N vs down_blocks.i.resnets.j) are computed from the block indices in the paths and
+the number of levels / ResNet blocks per level.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import re
+from typing import Callable, Mapping, Sequence
 
 COMPVIS, DIFFUSERS = "compvis", "diffusers"
 LAYOUTS = (COMPVIS, DIFFUSERS)
@@ -45,267 +52,264 @@ class Entry:
              f"{self.torch}.{suffix}" if suffix else self.torch)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A rename: `pattern` (a regex matched against a whole ldm_jax path) -> a name template per
+  layout (str.format over the pattern's named groups and the block's derived facts; None: the
+  layout has no such layer). `kinds` overrides the tensor kind per layout (default: the kind
+  the leaves show). `when` restricts the rule to blocks whose facts satisfy it; `heads` marks
+  CompVis qkv projections that may be stored in the new attention order."""
+  pattern: str
+  compvis: str | None
+  diffusers: str | None
+  kinds: Mapping[str, str] | None = None
+  when: Callable[[dict], bool] | None = None
+  heads: bool = False
+
+  def name(self, layout: str) -> str | None:
+    return self.compvis if layout == COMPVIS else self.diffusers
+
+
+def same(pattern: str, template: str, **kw) -> Rule:
+  """A rule whose name is the same in both layouts."""
+  return Rule(pattern, template, template, **kw)
+
+
 def _check_layout(layout: str):
   if layout not in LAYOUTS:
     raise ValueError(f"unknown weight layout '{layout}' (expected one of {LAYOUTS})")
 
 
 # ---------------------------------------------------------------------------------------------
-# Autoencoder (AutoencoderKL / VQModel)
+# The parameter tree
 # ---------------------------------------------------------------------------------------------
-_AE_SHORTCUT = {COMPVIS: "nin_shortcut", DIFFUSERS: "conv_shortcut"}
-_AE_ATTN = {COMPVIS: (("norm", "norm", "norm"), ("q", "q", "conv"), ("k", "k", "conv"),
-                      ("v", "v", "conv"), ("proj_out", "proj_out", "conv")),
-            DIFFUSERS: (("norm", "group_norm", "norm"), ("q", "to_q", "conv_linear"),
-                        ("k", "to_k", "conv_linear"), ("v", "to_v", "conv_linear"),
-                        ("proj_out", "to_out.0", "conv_linear"))}
+def modules(params) -> dict[tuple[str, ...], dict[str, tuple]]:
+  """Module path -> {leaf name: shape} of a (possibly abstract) Flax params tree."""
+  out: dict = {}
 
+  def walk(tree, path):
+    for key, value in tree.items():
+      if hasattr(value, "items"):
+        walk(value, path + (key,))
+      else:
+        out.setdefault(path, {})[key] = tuple(value.shape)
 
-def _ae_resnet(flax, torch, c_in: int, c_out: int, layout: str) -> list[Entry]:
-  out = [Entry(flax + ("norm1",), f"{torch}.norm1", "norm"),
-         Entry(flax + ("conv1",), f"{torch}.conv1", "conv"),
-         Entry(flax + ("norm2",), f"{torch}.norm2", "norm"),
-         Entry(flax + ("conv2",), f"{torch}.conv2", "conv")]
-  if c_in != c_out:
-    out.append(Entry(flax + ("nin_shortcut",), f"{torch}.{_AE_SHORTCUT[layout]}", "conv"))
+  walk(params, ())
   return out
 
 
-def _ae_attn(flax, torch, layout: str) -> list[Entry]:
-  return [Entry(flax + (f,), f"{torch}.{t}", kind) for f, t, kind in _AE_ATTN[layout]]
+def layer_kind(leaves: Mapping[str, tuple]) -> str:
+  """The kind a layer's leaves show: norm, embed, conv (4-d kernel), dense, dense_nobias."""
+  names = set(leaves)
+  if names == {"scale", "bias"}:
+    return "norm"
+  if names == {"embedding"}:
+    return "embed"
+  if "kernel" in names and names <= {"kernel", "bias"}:
+    if len(leaves["kernel"]) == 4:
+      return "conv"
+    return "dense" if "bias" in names else "dense_nobias"
+  raise ValueError(f"no layer kind has the parameters {sorted(names)}")
 
 
-def autoencoder_entries(*, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                        attn_resolutions: Sequence[int], resolution: int, vq: bool,
-                        layout: str) -> list[Entry]:
-  """The map of an ldm_jax AutoencoderKL / VQModel (fields as in build_autoencoder).
+# Child modules that tell what a block is (first match wins).
+_BLOCK_MARKERS = (("resnet", "conv1"), ("resnet", "in_conv"), ("transformer", "proj_in"),
+                  ("attnblock", "qkv"), ("attn", "q"), ("sampler", "conv"))
 
-  diffusers numbers the decoder's blocks from the bottom (up_blocks.0 is CompVis up.{n-1}).
-  """
+
+def block_type(mods: Mapping[tuple, dict], block: tuple[str, ...]) -> str:
+  """A layer kind when `block` is one layer, else resnet / transformer / attnblock (the UNet's
+  AttentionBlock) / attn (the autoencoder's AttnBlock) / sampler, by its child modules."""
+  if block in mods:
+    return layer_kind(mods[block])
+  children = {p[len(block)] for p in mods if len(p) > len(block) and p[:len(block)] == block}
+  return next((kind for kind, child in _BLOCK_MARKERS if child in children), "module")
+
+
+def _rename(rules: Sequence[Rule], text: str, layout: str, facts: dict):
+  """(name, rule) of the first rule matching `text`, or (None, None)."""
+  for rule in rules:
+    m = re.fullmatch(rule.pattern, text)
+    if m and (rule.when is None or rule.when(facts)):
+      template = rule.name(layout)
+      if template is None:
+        raise LookupError(f"has no {layout} equivalent")
+      return template.format(**facts, **m.groupdict()), rule
+  return None, None
+
+
+def derive(params, layout: str, *, blocks: Sequence[Rule],
+           inner: Mapping[str, Sequence[Rule]], block_depth: Callable[[tuple], int],
+           facts: Callable[[str], dict] = lambda name: {},
+           heads: Callable[[dict], int] | None = None) -> list[Entry]:
+  """The map of a params tree. Each module path splits into a block (its first
+  `block_depth(path)` names) and the rest; `blocks` name the block from 'type:block/path' (type
+  as block_type gives it), the rules `inner[type]` name the rest. `facts(block path)` gives the
+  derived fields the templates use; `heads(facts)` the heads of new-order qkv projections."""
   _check_layout(layout)
-  cv = layout == COMPVIS
-  levels = len(ch_mult)
-  widths = [ch * m for m in ch_mult]
-  e: list[Entry] = []
-
-  def name(part, kind, i, j=None):
-    """CompVis / diffusers module name of a level's ResNet block, attention or resampler."""
-    if cv:
-      group = "down" if part == "encoder" else "up"
-      base = f"{part}.{group}.{i}"
-      return {"block": f"{base}.block.{j}", "attn": f"{base}.attn.{j}",
-              "sample": f"{base}.{group}sample.conv"}[kind]
-    group = "down_blocks" if part == "encoder" else "up_blocks"
-    block = i if part == "encoder" else levels - 1 - i
-    base = f"{part}.{group}.{block}"
-    sampler = "downsamplers" if part == "encoder" else "upsamplers"
-    return {"block": f"{base}.resnets.{j}", "attn": f"{base}.attentions.{j}",
-            "sample": f"{base}.{sampler}.0.conv"}[kind]
-
-  def mid(part):
-    if cv:
-      return (f"{part}.mid.block_1", f"{part}.mid.attn_1", f"{part}.mid.block_2")
-    return (f"{part}.mid_block.resnets.0", f"{part}.mid_block.attentions.0",
-            f"{part}.mid_block.resnets.1")
-
-  norm_out = "norm_out" if cv else "conv_norm_out"
-  # Encoder.
-  e.append(Entry(("encoder", "conv_in"), "encoder.conv_in", "conv"))
-  c, res = ch, resolution
-  for i in range(levels):
-    for j in range(num_res_blocks):
-      e += _ae_resnet(("encoder", f"down_{i}_block_{j}"), name("encoder", "block", i, j), c,
-                      widths[i], layout)
-      c = widths[i]
-      if res in attn_resolutions:
-        e += _ae_attn(("encoder", f"down_{i}_attn_{j}"), name("encoder", "attn", i, j), layout)
-    if i != levels - 1:
-      e.append(Entry(("encoder", f"down_{i}_downsample", "conv"), name("encoder", "sample", i),
-                     "conv"))
-      res //= 2
-  for part in ("encoder", "decoder"):
-    if part == "decoder":
-      e.append(Entry(("decoder", "conv_in"), "decoder.conv_in", "conv"))
-    b1, attn, b2 = mid(part)
-    e += _ae_resnet((part, "mid_block_1"), b1, widths[-1], widths[-1], layout)
-    e += _ae_attn((part, "mid_attn_1"), attn, layout)
-    e += _ae_resnet((part, "mid_block_2"), b2, widths[-1], widths[-1], layout)
-    if part == "encoder":
-      e.append(Entry(("encoder", "norm_out"), f"encoder.{norm_out}", "norm"))
-      e.append(Entry(("encoder", "conv_out"), "encoder.conv_out", "conv"))
-  # Decoder levels, from the bottom up as the decoder runs.
-  c, res = widths[-1], resolution // 2 ** (levels - 1)
-  for i in reversed(range(levels)):
-    for j in range(num_res_blocks + 1):
-      e += _ae_resnet(("decoder", f"up_{i}_block_{j}"), name("decoder", "block", i, j), c,
-                      widths[i], layout)
-      c = widths[i]
-      if res in attn_resolutions:
-        e += _ae_attn(("decoder", f"up_{i}_attn_{j}"), name("decoder", "attn", i, j), layout)
-    if i != 0:
-      e.append(Entry(("decoder", f"up_{i}_upsample", "conv"), name("decoder", "sample", i),
-                     "conv"))
-      res *= 2
-  e.append(Entry(("decoder", "norm_out"), f"decoder.{norm_out}", "norm"))
-  e.append(Entry(("decoder", "conv_out"), "decoder.conv_out", "conv"))
-  e.append(Entry(("quant_conv",), "quant_conv", "conv"))
-  e.append(Entry(("post_quant_conv",), "post_quant_conv", "conv"))
-  if vq:
-    e.append(Entry(("quantize", "embedding"), "quantize.embedding.weight", "param"))
-  return e
+  mods = modules(params)
+  entries = []
+  for path, leaves in mods.items():
+    block, rest = path[:block_depth(path)], path[block_depth(path):]
+    kind = block_type(mods, block)
+    where = "/".join(block)
+    fields = facts(where)
+    try:
+      base, _ = _rename(blocks, f"{kind}:{where}", layout, fields)
+      sub, rule = _rename(inner.get(kind, (same("", ""),)), "/".join(rest), layout, fields)
+    except LookupError as e:
+      raise ValueError(f"ldm_jax's {'/'.join(path)} (a {kind} block) {e}") from None
+    if base is None or sub is None:
+      raise ValueError(f"no {layout} name rule for ldm_jax's {'/'.join(path)} (a {kind} block)")
+    layer = (rule.kinds or {}).get(layout) or layer_kind(leaves)
+    if {leaf for leaf, _ in LEAVES[layer]} != set(leaves):
+      raise ValueError(f"{'/'.join(path)}: parameters {sorted(leaves)} do not fit a '{layer}'")
+    n = heads(fields) if heads and rule.heads else 0
+    torch = f"{base}.{sub}" if base and sub else base or sub
+    entries.append(Entry(path, torch.replace("/", "."), layer, n))
+  return entries
 
 
 # ---------------------------------------------------------------------------------------------
-# UNet
+# Autoencoder (AutoencoderKL / VQModel): blocks are encoder/<name>, decoder/<name> or <name>
 # ---------------------------------------------------------------------------------------------
-_UNET_RESNET = {COMPVIS: ("in_layers.0", "in_layers.2", "emb_layers.1", "out_layers.0",
-                          "out_layers.3", "skip_connection"),
-                DIFFUSERS: ("norm1", "conv1", "time_emb_proj", "norm2", "conv2",
-                            "conv_shortcut")}
-_UNET_TOP = {COMPVIS: {"time_embed_0": "time_embed.0", "time_embed_2": "time_embed.2",
-                       "label_emb": "label_emb", "input_blocks_0_0": "input_blocks.0.0",
-                       "out_norm": "out.0", "out_conv": "out.2"},
-             DIFFUSERS: {"time_embed_0": "time_embedding.linear_1",
-                         "time_embed_2": "time_embedding.linear_2",
-                         "label_emb": "class_embedding", "input_blocks_0_0": "conv_in",
-                         "out_norm": "conv_norm_out", "out_conv": "conv_out"}}
+_AE_BLOCKS = (
+    Rule(r"resnet:(?P<p>encoder|decoder)/mid_block_(?P<k>[12])", "{p}.mid.block_{k}",
+         "{p}.mid_block.resnets.{k0}"),
+    Rule(r"attn:(?P<p>encoder|decoder)/mid_attn_1", "{p}.mid.attn_1",
+         "{p}.mid_block.attentions.0"),
+    Rule(r"resnet:encoder/down_(?P<i>\d+)_block_(?P<j>\d+)", "encoder.down.{i}.block.{j}",
+         "encoder.down_blocks.{i}.resnets.{j}"),
+    Rule(r"attn:encoder/down_(?P<i>\d+)_attn_(?P<j>\d+)", "encoder.down.{i}.attn.{j}",
+         "encoder.down_blocks.{i}.attentions.{j}"),
+    Rule(r"sampler:encoder/down_(?P<i>\d+)_downsample", "encoder.down.{i}.downsample",
+         "encoder.down_blocks.{i}.downsamplers.0"),
+    # diffusers numbers the decoder's levels from the bottom: up_blocks.{r}, r = levels - 1 - i.
+    Rule(r"resnet:decoder/up_(?P<i>\d+)_block_(?P<j>\d+)", "decoder.up.{i}.block.{j}",
+         "decoder.up_blocks.{r}.resnets.{j}"),
+    Rule(r"attn:decoder/up_(?P<i>\d+)_attn_(?P<j>\d+)", "decoder.up.{i}.attn.{j}",
+         "decoder.up_blocks.{r}.attentions.{j}"),
+    Rule(r"sampler:decoder/up_(?P<i>\d+)_upsample", "decoder.up.{i}.upsample",
+         "decoder.up_blocks.{r}.upsamplers.0"),
+    Rule(r"norm:(?P<p>encoder|decoder)/norm_out", "{p}.norm_out", "{p}.conv_norm_out"),
+    same(r"conv:(?P<x>(encoder|decoder)/conv_(in|out)|quant_conv|post_quant_conv)", "{x}"),
+    same(r"embed:quantize", "quantize.embedding"),
+)
+_AE_INNER = {
+    "resnet": (Rule("nin_shortcut", "nin_shortcut", "conv_shortcut"),
+               same(r"(?P<x>norm[12]|conv[12])", "{x}")),
+    "attn": (Rule("norm", "norm", "group_norm"),     # 1x1 convs in CompVis, Linear in diffusers
+             Rule(r"(?P<x>[qkv])", "{x}", "to_{x}", {DIFFUSERS: "conv_linear"}),
+             Rule("proj_out", "proj_out", "to_out.0", {DIFFUSERS: "conv_linear"})),
+    "sampler": (same("conv", "conv"),),
+}
 
 
-def _unet_resnet(flax, torch, c_in: int, c_out: int, layout: str) -> list[Entry]:
-  n1, c1, emb, n2, c2, skip = _UNET_RESNET[layout]
-  out = [Entry(flax + ("in_norm",), f"{torch}.{n1}", "norm"),
-         Entry(flax + ("in_conv",), f"{torch}.{c1}", "conv"),
-         Entry(flax + ("emb_proj",), f"{torch}.{emb}", "dense"),
-         Entry(flax + ("out_norm",), f"{torch}.{n2}", "norm"),
-         Entry(flax + ("out_conv",), f"{torch}.{c2}", "conv")]
-  if c_in != c_out:
-    out.append(Entry(flax + ("skip",), f"{torch}.{skip}", "conv"))
-  return out
+def autoencoder_entries(params, layout: str) -> list[Entry]:
+  """The map of an ldm_jax AutoencoderKL / VQModel from its params tree."""
+  levels = len({path[1].split("_")[1] for path in modules(params)
+                if path[0] == "decoder" and re.fullmatch(r"up_\d+_block_\d+", path[1])})
+
+  def facts(block: str) -> dict:
+    """r: diffusers' index of a decoder level; k0: the 0-based index of a mid ResNet block."""
+    out = {}
+    if m := re.search(r"/(up|down)_(\d+)_", block):
+      out["r"] = levels - 1 - int(m.group(2))
+    if m := re.search(r"/mid_block_(\d)", block):
+      out["k0"] = int(m.group(1)) - 1
+    return out
+
+  return derive(params, layout, blocks=_AE_BLOCKS, inner=_AE_INNER, facts=facts,
+                block_depth=lambda path: 2 if path[0] in ("encoder", "decoder") else 1)
 
 
-def _transformer(flax, torch, depth: int, use_linear: bool) -> list[Entry]:
-  """SpatialTransformer: the same names in CompVis and diffusers."""
-  proj = "dense" if use_linear else "conv"
-  e = [Entry(flax + ("norm",), f"{torch}.norm", "norm"),
-       Entry(flax + ("proj_in",), f"{torch}.proj_in", proj)]
-  for d in range(depth):
-    fb, tb = flax + (f"transformer_blocks_{d}",), f"{torch}.transformer_blocks.{d}"
-    for n in ("norm1", "norm2", "norm3"):
-      e.append(Entry(fb + (n,), f"{tb}.{n}", "norm"))
-    for a in ("attn1", "attn2"):
-      for p in ("to_q", "to_k", "to_v"):
-        e.append(Entry(fb + (a, p), f"{tb}.{a}.{p}", "dense_nobias"))
-      e.append(Entry(fb + (a, "to_out"), f"{tb}.{a}.to_out.0", "dense"))
-    e.append(Entry(fb + ("ff", "proj_in"), f"{tb}.ff.net.0.proj", "dense"))
-    e.append(Entry(fb + ("ff", "proj_out"), f"{tb}.ff.net.2", "dense"))
-  e.append(Entry(flax + ("proj_out",), f"{torch}.proj_out", proj))
-  return e
+# ---------------------------------------------------------------------------------------------
+# UNet: blocks are the top-level modules (input_blocks_{n}_{m}, middle_block_{m}, ...)
+# ---------------------------------------------------------------------------------------------
+_UNET_BLOCKS = (
+    Rule(r"dense:time_embed_(?P<k>[02])", "time_embed.{k}", "time_embedding.linear_{k1}"),
+    Rule("embed:label_emb", "label_emb", "class_embedding"),
+    Rule("conv:input_blocks_0_0", "input_blocks.0.0", "conv_in"),
+    Rule("norm:out_norm", "out.0", "conv_norm_out"),
+    Rule("conv:out_conv", "out.2", "conv_out"),
+    Rule(r"conv:input_blocks_(?P<n>\d+)_0", "input_blocks.{n}.0.op",
+         "down_blocks.{level}.downsamplers.0.conv"),
+    Rule(r"resnet:input_blocks_(?P<n>\d+)_0", "input_blocks.{n}.0", None,   # resblock_updown
+         when=lambda f: f["sampler"]),
+    Rule(r"resnet:input_blocks_(?P<n>\d+)_0", "input_blocks.{n}.0",
+         "down_blocks.{level}.resnets.{j}"),
+    Rule(r"(transformer|attnblock):input_blocks_(?P<n>\d+)_1", "input_blocks.{n}.1",
+         "down_blocks.{level}.attentions.{j}"),
+    Rule(r"resnet:middle_block_(?P<m>[02])", "middle_block.{m}", "mid_block.resnets.{m2}"),
+    Rule(r"(transformer|attnblock):middle_block_1", "middle_block.1", "mid_block.attentions.0"),
+    Rule(r"resnet:output_blocks_(?P<n>\d+)_0", "output_blocks.{n}.0",
+         "up_blocks.{up}.resnets.{j}"),
+    Rule(r"(transformer|attnblock):output_blocks_(?P<n>\d+)_1", "output_blocks.{n}.1",
+         "up_blocks.{up}.attentions.{j}"),
+    # After a level's last ResBlock (and attention): the upsampler, a conv or a ResBlock.
+    Rule(r"conv:output_blocks_(?P<n>\d+)_(?P<m>[12])", "output_blocks.{n}.{m}.conv",
+         "up_blocks.{up}.upsamplers.0.conv"),
+    Rule(r"resnet:output_blocks_(?P<n>\d+)_(?P<m>[12])", "output_blocks.{n}.{m}", None),
+)
+_UNET_INNER = {
+    "resnet": tuple(Rule(f, c, d) for f, c, d in (
+        ("in_norm", "in_layers.0", "norm1"), ("in_conv", "in_layers.2", "conv1"),
+        ("emb_proj", "emb_layers.1", "time_emb_proj"), ("out_norm", "out_layers.0", "norm2"),
+        ("out_conv", "out_layers.3", "conv2"), ("skip", "skip_connection", "conv_shortcut"))),
+    "transformer": (          # the same names in both layouts
+        same(r"(?P<x>norm|proj_in|proj_out)", "{x}"),
+        same(r"transformer_blocks_(?P<d>\d+)/(?P<x>norm[123]|attn[12]/to_[qkv])",
+             "transformer_blocks.{d}.{x}"),
+        same(r"transformer_blocks_(?P<d>\d+)/(?P<a>attn[12])/to_out",
+             "transformer_blocks.{d}.{a}.to_out.0"),
+        same(r"transformer_blocks_(?P<d>\d+)/ff/proj_in", "transformer_blocks.{d}.ff.net.0.proj"),
+        same(r"transformer_blocks_(?P<d>\d+)/ff/proj_out", "transformer_blocks.{d}.ff.net.2")),
+    "attnblock": (            # openaimodel's AttentionBlock: CompVis only, conv1d projections
+        Rule("norm", "norm", None),
+        Rule("qkv", "qkv", None, {COMPVIS: "dense_conv1d"}, heads=True),
+        Rule("proj_out", "proj_out", None, {COMPVIS: "dense_conv1d"})),
+}
 
 
-def _attention_block(flax, torch, heads_if_new_order: int) -> list[Entry]:
-  """openaimodel's AttentionBlock (CompVis only): conv1d qkv and proj_out."""
-  return [Entry(flax + ("norm",), f"{torch}.norm", "norm"),
-          Entry(flax + ("qkv",), f"{torch}.qkv", "dense_conv1d", heads_if_new_order),
-          Entry(flax + ("proj_out",), f"{torch}.proj_out", "dense_conv1d")]
-
-
-def unet_entries(*, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int,
-                 attention_resolutions: Sequence[int], num_classes: int = 0,
-                 conv_resample: bool = True, resblock_updown: bool = False,
-                 use_spatial_transformer: bool = True, transformer_depth: int = 1,
-                 use_linear_proj: bool = False, new_attention_heads=None, layout: str,
-                 **_) -> list[Entry]:
-  """The map of an ldm_jax UNet (its constructor fields; others are ignored).
+def unet_entries(params, layout: str, *, levels: int, num_res_blocks: int,
+                 new_attention_heads: Callable[[int], int] | None = None) -> list[Entry]:
+  """The map of an ldm_jax UNet from its params tree and two facts of its config: the number of
+  levels (len(channel_mult)) and of ResBlocks per level on the way down.
 
   `new_attention_heads(level) -> heads` is given for CompVis models with
   use_new_attention_order, whose AttentionBlock qkv rows are reordered on the way in.
   """
-  _check_layout(layout)
-  cv = layout == COMPVIS
-  if not cv and (resblock_updown or not use_spatial_transformer or not conv_resample):
-    raise ValueError("the diffusers layout has no resblock_updown / AttentionBlock / "
-                     "conv_resample=False UNets")
-  top = _UNET_TOP[layout]
-  levels = len(channel_mult)
-  mc = model_channels
-  e = [Entry(("time_embed_0",), top["time_embed_0"], "dense"),
-       Entry(("time_embed_2",), top["time_embed_2"], "dense")]
-  if num_classes > 0:
-    e.append(Entry(("label_emb",), top["label_emb"], "embed"))
-  e.append(Entry(("input_blocks_0_0",), top["input_blocks_0_0"], "conv"))
+  per = num_res_blocks + 1          # input blocks per level (ResBlocks + a downsampler);
+                                    # output blocks per level (ResBlocks)
 
-  def attention(flax_name, torch_name, level):
-    if use_spatial_transformer:
-      return _transformer((flax_name,), torch_name, transformer_depth, use_linear_proj)
-    heads = new_attention_heads(level) if new_attention_heads else 0
-    return _attention_block((flax_name,), torch_name, heads)
+  def facts(block: str) -> dict:
+    """level (0 = the input resolution), j (index in the level) and diffusers' up_blocks
+    index `up` of a block; `sampler` for the downsampler slot of the way down."""
+    m = re.fullmatch(r"(input|output|middle)_blocks?_(\d+)(_\d+)?", block)
+    if not m:
+      k = re.fullmatch(r"time_embed_(\d)", block)
+      return {"k1": int(k.group(1)) // 2 + 1} if k else {}
+    side, n = m.group(1), int(m.group(2))
+    if side == "middle":
+      return {"level": levels - 1, "m2": n // 2}
+    if side == "input":
+      level, j = divmod(n - 1, per)
+      return {"level": level, "j": j, "sampler": j == num_res_blocks}
+    up, j = divmod(n, per)
+    return {"level": levels - 1 - up, "up": up, "j": j}
 
-  chans, ch, ds, n = [mc], mc, 1, 1
-  for level, mult in enumerate(channel_mult):
-    for j in range(num_res_blocks):
-      out = mult * mc
-      block = f"input_blocks.{n}" if cv else f"down_blocks.{level}"
-      e += _unet_resnet((f"input_blocks_{n}_0",),
-                        f"{block}.0" if cv else f"{block}.resnets.{j}", ch, out, layout)
-      ch = out
-      if ds in attention_resolutions:
-        e += attention(f"input_blocks_{n}_1", f"{block}.1" if cv else f"{block}.attentions.{j}",
-                       level)
-      chans.append(ch)
-      n += 1
-    if level != levels - 1:
-      if resblock_updown:
-        e += _unet_resnet((f"input_blocks_{n}_0",), f"input_blocks.{n}.0", ch, ch, layout)
-      elif conv_resample:
-        e.append(Entry((f"input_blocks_{n}_0",),
-                       f"input_blocks.{n}.0.op" if cv else
-                       f"down_blocks.{level}.downsamplers.0.conv", "conv"))
-      chans.append(ch)
-      ds *= 2
-      n += 1
-
-  mid = ("middle_block.0", "middle_block.1", "middle_block.2") if cv else (
-      "mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1")
-  e += _unet_resnet(("middle_block_0",), mid[0], ch, ch, layout)
-  e += attention("middle_block_1", mid[1], levels - 1)
-  e += _unet_resnet(("middle_block_2",), mid[2], ch, ch, layout)
-
-  n = 0
-  for level, mult in reversed(list(enumerate(channel_mult))):
-    up = levels - 1 - level
-    for i in range(num_res_blocks + 1):
-      out = mult * mc
-      block = f"output_blocks.{n}" if cv else f"up_blocks.{up}"
-      e += _unet_resnet((f"output_blocks_{n}_0",),
-                        f"{block}.0" if cv else f"{block}.resnets.{i}", ch + chans.pop(), out,
-                        layout)
-      ch = out
-      m = 1
-      if ds in attention_resolutions:
-        e += attention(f"output_blocks_{n}_1", f"{block}.1" if cv else f"{block}.attentions.{i}",
-                       level)
-        m = 2
-      if level and i == num_res_blocks:
-        if resblock_updown:
-          e += _unet_resnet((f"output_blocks_{n}_{m}",), f"output_blocks.{n}.{m}", ch, ch,
-                            layout)
-        elif conv_resample:
-          e.append(Entry((f"output_blocks_{n}_{m}",),
-                         f"output_blocks.{n}.{m}.conv" if cv else
-                         f"up_blocks.{up}.upsamplers.0.conv", "conv"))
-        ds //= 2
-      n += 1
-  e.append(Entry(("out_norm",), top["out_norm"], "norm"))
-  e.append(Entry(("out_conv",), top["out_conv"], "conv"))
-  return e
+  heads = (lambda f: new_attention_heads(f["level"])) if new_attention_heads else None
+  return derive(params, layout, blocks=_UNET_BLOCKS, inner=_UNET_INNER, facts=facts,
+                block_depth=lambda path: 1, heads=heads)
 
 
 # ---------------------------------------------------------------------------------------------
 # Conditioning
 # ---------------------------------------------------------------------------------------------
-def class_embedder_entries() -> list[Entry]:
+def class_embedder_entries(params) -> list[Entry]:
   """ClassEmbedder's table (CompVis cond_stage_model.embedding)."""
-  return [Entry(("embedding",), "embedding", "embed")]
+  return derive(params, COMPVIS, blocks=(same("embed:embedding", "embedding"),), inner={},
+                block_depth=lambda path: 1)
 
 
 def prefixed(entries: list[Entry], prefix: str) -> list[Entry]:

@@ -28,11 +28,12 @@ class AttnBlock(nn.Module):
   """The autoencoder's single-head self-attention over all pixels, with 1x1 conv projections."""
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm("norm")(x).astype(self.dtype)
+    y = group_norm("norm", groups=self.norm_groups)(x).astype(self.dtype)
     q = conv(c, kernel=1, dtype=self.dtype, name="q")(y).reshape(b, h * w, 1, c)
     k = conv(c, kernel=1, dtype=self.dtype, name="k")(y).reshape(b, h * w, 1, c)
     v = conv(c, kernel=1, dtype=self.dtype, name="v")(y).reshape(b, h * w, 1, c)
@@ -49,12 +50,15 @@ class AttentionBlock(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     heads = self.num_heads
-    y = group_norm("norm", eps=1e-5)(x).astype(self.dtype).reshape(b, h * w, c)
+    y = group_norm("norm", eps=self.norm_eps, groups=self.norm_groups)(x)
+    y = y.astype(self.dtype).reshape(b, h * w, c)
     qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(y)
     qkv = qkv.reshape(b, h * w, heads, 3, c // heads)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
@@ -130,7 +134,8 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
   """GroupNorm -> 1x1 (or linear) proj_in -> transformer blocks over the pixels -> zero-init
-  proj_out, plus the residual. The conditioning context enters through cross-attention."""
+  proj_out, plus the residual. The conditioning context enters through cross-attention.
+  Its GroupNorm epsilon is 1e-6 in both reference layouts, whatever the UNet's norm_eps."""
   heads: int
   head_dim: int
   depth: int = 1
@@ -138,12 +143,13 @@ class SpatialTransformer(nn.Module):
   use_linear: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, train: bool = False):
     b, h, w, c = x.shape
     inner = self.heads * self.head_dim
-    y = group_norm("norm", eps=1e-6)(x).astype(self.dtype)
+    y = group_norm("norm", eps=1e-6, groups=self.norm_groups)(x).astype(self.dtype)
     if self.use_linear:
       y = nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32, name="proj_in")(
           y.reshape(b, h * w, c))

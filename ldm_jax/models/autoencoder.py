@@ -63,26 +63,30 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    block = maybe_remat(ResnetBlock, self.remat, static_argnums=(2,))
-    attn = lambda name: AttnBlock(self.dtype, self.attention_impl, name=name)  # noqa: E731
+    resnet = maybe_remat(ResnetBlock, self.remat, static_argnums=(2,))
+    block = lambda c, name: resnet(c, self.dropout, self.dtype, self.norm_groups,  # noqa: E731
+                                   name=name)
+    attn = lambda name: AttnBlock(self.dtype, self.attention_impl, self.norm_groups,  # noqa: E731
+                                  name=name)
     h = conv(self.ch, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     res = self.resolution
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
-        h = block(self.ch * mult, self.dropout, self.dtype, name=f"down_{i}_block_{j}")(h, train)
+        h = block(self.ch * mult, f"down_{i}_block_{j}")(h, train)
         if res in self.attn_resolutions:
           h = attn(f"down_{i}_attn_{j}")(h)
       if i != len(self.ch_mult) - 1:
         h = Downsample(True, self.dtype, name=f"down_{i}_downsample")(h)
         res //= 2
     width = self.ch * self.ch_mult[-1]
-    h = block(width, self.dropout, self.dtype, name="mid_block_1")(h, train)
+    h = block(width, "mid_block_1")(h, train)
     h = attn("mid_attn_1")(h)
-    h = block(width, self.dropout, self.dtype, name="mid_block_2")(h, train)
-    h = nn.swish(group_norm("norm_out")(h)).astype(self.dtype)
+    h = block(width, "mid_block_2")(h, train)
+    h = nn.swish(group_norm("norm_out", groups=self.norm_groups)(h)).astype(self.dtype)
     out = 2 * self.z_channels if self.double_z else self.z_channels
     return conv(out, dtype=self.dtype, name="conv_out")(h)
 
@@ -103,30 +107,33 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, z, train: bool = False, part: str = "all"):
     if part == "head":
       return conv(self.out_ch, dtype=self.dtype, name="conv_out")(z).astype(jnp.float32)
-    block = maybe_remat(ResnetBlock, self.remat, static_argnums=(2,))
-    attn = lambda name: AttnBlock(self.dtype, self.attention_impl, name=name)  # noqa: E731
+    resnet = maybe_remat(ResnetBlock, self.remat, static_argnums=(2,))
+    block = lambda c, name: resnet(c, self.dropout, self.dtype, self.norm_groups,  # noqa: E731
+                                   name=name)
+    attn = lambda name: AttnBlock(self.dtype, self.attention_impl, self.norm_groups,  # noqa: E731
+                                  name=name)
     levels = len(self.ch_mult)
     width = self.ch * self.ch_mult[-1]
     res = self.resolution // 2 ** (levels - 1)
     h = conv(width, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-    h = block(width, self.dropout, self.dtype, name="mid_block_1")(h, train)
+    h = block(width, "mid_block_1")(h, train)
     h = attn("mid_attn_1")(h)
-    h = block(width, self.dropout, self.dtype, name="mid_block_2")(h, train)
+    h = block(width, "mid_block_2")(h, train)
     for i in reversed(range(levels)):
       for j in range(self.num_res_blocks + 1):
-        h = block(self.ch * self.ch_mult[i], self.dropout, self.dtype,
-                  name=f"up_{i}_block_{j}")(h, train)
+        h = block(self.ch * self.ch_mult[i], f"up_{i}_block_{j}")(h, train)
         if res in self.attn_resolutions:
           h = attn(f"up_{i}_attn_{j}")(h)
       if i != 0:
         h = Upsample(True, dtype=self.dtype, name=f"up_{i}_upsample")(h)
         res *= 2
-    h = nn.swish(group_norm("norm_out")(h)).astype(self.dtype)
+    h = nn.swish(group_norm("norm_out", groups=self.norm_groups)(h)).astype(self.dtype)
     if part == "features":
       return h
     return conv(self.out_ch, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)
@@ -146,6 +153,7 @@ class _FirstStage(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  norm_groups: int = 32
 
   @property
   def downsample_factor(self) -> int:
@@ -155,7 +163,7 @@ class _FirstStage(nn.Module):
     return dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                 dropout=self.dropout, dtype=self.dtype, remat=self.remat,
-                attention_impl=self.attention_impl)
+                attention_impl=self.attention_impl, norm_groups=self.norm_groups)
 
   def decode_features(self, z, train: bool = False):
     return self.decoder(self.post_quant_conv(z.astype(self.dtype)), train, part="features")

@@ -29,7 +29,8 @@ def build_autoencoder(model_config, *, image_size: int, channels: int, dtype=jnp
   kw = dict(ch=m.ch, out_ch=channels, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), z_channels=m.z_channels,
             embed_dim=m.embed_dim, resolution=image_size, dropout=m.dropout, dtype=dtype,
-            remat=m.remat, attention_impl=attention_impl)
+            remat=m.remat, attention_impl=attention_impl,
+            norm_groups=m.get("norm_groups", 32))
   if m.type == "kl":
     return AutoencoderKL(**kw)
   return VQModel(n_embed=m.n_embed, beta=m.vq_beta, ema_decay=m.vq_ema_decay,
@@ -57,7 +58,8 @@ def build_unet(unet_config, *, in_channels: int, out_channels: int, context: boo
               num_heads=u.num_heads, num_head_channels=u.num_head_channels,
               use_spatial_transformer=u.use_spatial_transformer or context,
               transformer_depth=u.transformer_depth, use_linear_proj=u.use_linear_proj,
-              dtype=dtype, remat=u.remat,
+              dtype=dtype, remat=u.remat, norm_groups=u.get("norm_groups", 32),
+              norm_eps=u.get("norm_eps", 1e-5),
               attention_impl=None if u.attention_impl == "xla" else u.attention_impl)
 
 

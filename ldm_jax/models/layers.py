@@ -15,7 +15,8 @@ Dtype = jnp.dtype
 
 
 def group_norm(name: str | None = None, eps: float = 1e-6, groups: int = 32):
-  """GroupNorm(32) in float32, as the reference autoencoder (eps 1e-6) and UNet (eps 1e-5) use."""
+  """GroupNorm in float32: 32 groups by default, as the reference autoencoder (eps 1e-6) and
+  UNet (eps 1e-5) use; the models take the count from their `norm_groups` field."""
   return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, name=name)
 
 
@@ -31,12 +32,13 @@ class ResnetBlock(nn.Module):
   out_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    h = nn.swish(group_norm("norm1")(x)).astype(self.dtype)
+    h = nn.swish(group_norm("norm1", groups=self.norm_groups)(x)).astype(self.dtype)
     h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
-    h = nn.swish(group_norm("norm2")(h)).astype(self.dtype)
+    h = nn.swish(group_norm("norm2", groups=self.norm_groups)(h)).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_channels:

@@ -26,9 +26,12 @@ class ResBlock(nn.Module):
   use_scale_shift_norm: bool = False
   updown: str = "none"
   dtype: Dtype = jnp.float32
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False):
+    norm = lambda name: group_norm(name, self.norm_eps, self.norm_groups)  # noqa: E731
     def resample(v):
       if self.updown == "up":
         return upsample_nearest(v)
@@ -36,7 +39,7 @@ class ResBlock(nn.Module):
         return nn.avg_pool(v, (2, 2), strides=(2, 2))
       return v
 
-    h = nn.silu(group_norm("in_norm", eps=1e-5)(x)).astype(self.dtype)
+    h = nn.silu(norm("in_norm")(x)).astype(self.dtype)
     h = conv(self.out_channels, dtype=self.dtype, name="in_conv")(resample(h))
     x = resample(x)
     emb_out = nn.Dense((2 if self.use_scale_shift_norm else 1) * self.out_channels,
@@ -44,9 +47,9 @@ class ResBlock(nn.Module):
                            nn.silu(emb).astype(self.dtype))[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
-      h = group_norm("out_norm", eps=1e-5)(h) * (1.0 + scale) + shift
+      h = norm("out_norm")(h) * (1.0 + scale) + shift
     else:
-      h = group_norm("out_norm", eps=1e-5)(h + emb_out)
+      h = norm("out_norm")(h + emb_out)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h).astype(self.dtype))
     h = conv(self.out_channels, dtype=self.dtype, kernel_init=nn.initializers.zeros,
              name="out_conv")(h)
@@ -75,7 +78,9 @@ class UNet(nn.Module):
   attention_resolutions are DOWNSAMPLE FACTORS (1 = the input resolution), as in the reference.
   `context` (B, L, context_dim) feeds the SpatialTransformers' cross-attention (with an
   optional (B, L) `context_mask`); `y` (B,) class labels are embedded and added to the time
-  embedding (the "adm" path) when num_classes > 0.
+  embedding (the "adm" path) when num_classes > 0. `norm_groups` / `norm_eps` are the GroupNorm
+  group count and epsilon (diffusers' norm_num_groups / norm_eps; the SpatialTransformer's norm
+  keeps epsilon 1e-6).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -96,15 +101,18 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str | None = None
+  norm_groups: int = 32
+  norm_eps: float = 1e-5
 
   def _attention(self, channels, level, name):
     heads, head_dim = heads_for_level(channels, level, self.num_heads, self.num_head_channels)
     if self.use_spatial_transformer:
       cls = maybe_remat(SpatialTransformer, self.remat, static_argnums=(4,))
       return cls(heads, head_dim, self.transformer_depth, self.dropout, self.use_linear_proj,
-                 self.dtype, self.attention_impl, name=name)
+                 self.dtype, self.attention_impl, self.norm_groups, name=name)
     cls = maybe_remat(AttentionBlock, self.remat)
-    return cls(heads, self.dtype, self.attention_impl, name=name)
+    return cls(heads, self.dtype, self.attention_impl, self.norm_groups, self.norm_eps,
+               name=name)
 
   def _apply_attention(self, layer, h, context, mask, train):
     if self.use_spatial_transformer:
@@ -113,7 +121,10 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, context=None, y=None, context_mask=None, train: bool = False):
-    res_block = maybe_remat(ResBlock, self.remat, static_argnums=(3,))
+    res_cls = maybe_remat(ResBlock, self.remat, static_argnums=(3,))
+    res_block = lambda c, updown, name: res_cls(  # noqa: E731
+        c, self.dropout, self.use_scale_shift_norm, updown, self.dtype, self.norm_groups,
+        self.norm_eps, name=name)
     mc = self.model_channels
     emb_dim = 4 * mc
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32,  # noqa: E731
@@ -132,8 +143,7 @@ class UNet(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
         ch = mult * mc
-        h = res_block(ch, self.dropout, self.use_scale_shift_norm, "none", self.dtype,
-                      name=f"input_blocks_{n}_0")(h, emb, train)
+        h = res_block(ch, "none", f"input_blocks_{n}_0")(h, emb, train)
         if ds in self.attention_resolutions:
           h = self._apply_attention(self._attention(ch, level, f"input_blocks_{n}_1"), h,
                                     context, context_mask, train)
@@ -142,8 +152,7 @@ class UNet(nn.Module):
       if level != len(self.channel_mult) - 1:
         name = f"input_blocks_{n}_0"
         if self.resblock_updown:
-          h = res_block(ch, self.dropout, self.use_scale_shift_norm, "down", self.dtype,
-                        name=name)(h, emb, train)
+          h = res_block(ch, "down", name)(h, emb, train)
         elif self.conv_resample:
           h = conv(ch, stride=2, padding=((1, 1), (1, 1)), dtype=self.dtype,
                    name=name)(h)
@@ -154,20 +163,17 @@ class UNet(nn.Module):
         n += 1
 
     last = len(self.channel_mult) - 1
-    h = res_block(ch, self.dropout, self.use_scale_shift_norm, "none", self.dtype,
-                  name="middle_block_0")(h, emb, train)
+    h = res_block(ch, "none", "middle_block_0")(h, emb, train)
     h = self._apply_attention(self._attention(ch, last, "middle_block_1"), h, context,
                               context_mask, train)
-    h = res_block(ch, self.dropout, self.use_scale_shift_norm, "none", self.dtype,
-                  name="middle_block_2")(h, emb, train)
+    h = res_block(ch, "none", "middle_block_2")(h, emb, train)
 
     n = 0
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         ch = mult * mc
-        h = res_block(ch, self.dropout, self.use_scale_shift_norm, "none", self.dtype,
-                      name=f"output_blocks_{n}_0")(h, emb, train)
+        h = res_block(ch, "none", f"output_blocks_{n}_0")(h, emb, train)
         m = 1
         if ds in self.attention_resolutions:
           h = self._apply_attention(self._attention(ch, level, f"output_blocks_{n}_1"), h,
@@ -176,8 +182,7 @@ class UNet(nn.Module):
         if level and i == self.num_res_blocks:
           name = f"output_blocks_{n}_{m}"
           if self.resblock_updown:
-            h = res_block(ch, self.dropout, self.use_scale_shift_norm, "up", self.dtype,
-                          name=name)(h, emb, train)
+            h = res_block(ch, "up", name)(h, emb, train)
           else:
             h = upsample_nearest(h)
             if self.conv_resample:
@@ -185,7 +190,7 @@ class UNet(nn.Module):
           ds //= 2
         n += 1
 
-    h = nn.silu(group_norm("out_norm", eps=1e-5)(h)).astype(self.dtype)
+    h = nn.silu(group_norm("out_norm", self.norm_eps, self.norm_groups)(h)).astype(self.dtype)
     out = conv(self.out_channels, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                name="out_conv")(h)
     return out.astype(jnp.float32)

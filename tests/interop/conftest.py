@@ -15,6 +15,12 @@ def outputs():
 
 
 @pytest.fixture(scope="session")
+def outputs_groups8():
+  """Inputs and PyTorch outputs (NHWC) of the GroupNorm-8 fixture models (unet_g8, vae_g8)."""
+  return load_file(str(FIXTURES / "outputs_groups8.safetensors"))
+
+
+@pytest.fixture(scope="session")
 def fixture_dir():
   return FIXTURES
 

@@ -61,19 +61,19 @@ def test_cin_export_samples_like_diffusers_ddim(compvis_files, outputs, tmp_path
   pipeline = load_pipeline(export)
   assert pipeline.num_classes == 5 and pipeline.scale_factor == 0.75
   np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 10)[::-1], outputs["ddim/timesteps"])
-  stage, frozen, scale = pipeline.stage, pipeline.frozen, pipeline.scale_factor
+  ldm, frozen, scale = pipeline.ldm, pipeline.frozen, pipeline.scale_factor
   batch = pipeline.condition_batch(2, labels=outputs["ddim/labels"])
 
   @jax.jit
   def guided_ddim(params, frozen, x_T):
     keep = jnp.zeros((2,), bool)
-    inputs = stage.cond(params["cond"], batch, frozen["autoencoder"], keep, scale)
-    null = stage.cond(params["cond"], batch, frozen["autoencoder"], ~keep, scale)
+    inputs = ldm.conditions(params, batch, frozen["autoencoder"], keep, scale)
+    null = ldm.conditions(params, batch, frozen["autoencoder"], ~keep, scale)
     z, states = samplers.ddim_sample(
-        stage.denoiser(params, inputs), stage.schedule, x_T, inputs, jax.random.PRNGKey(0),
+        ldm.model_fn(params), ldm.schedule, x_T, inputs, jax.random.PRNGKey(0),
         steps=10, eta=0.0, guidance=samplers.Guidance(float(outputs["ddim/guidance"]), null),
         return_intermediates=True)
-    return states, stage.decode(frozen, z, scale)
+    return states, ldm.decode(frozen["autoencoder"], z, scale)
 
   states, decoded = guided_ddim(pipeline.params, frozen, outputs["ddim/x_T"])
   errors = [rel_err(s, ref) for s, ref in zip(states, outputs["ddim/states"])]
@@ -87,7 +87,7 @@ def test_cin_export_samples_like_diffusers_ddim(compvis_files, outputs, tmp_path
   convert_main(["to-diffusers", "--export", export, "--out", str(tmp_path / "hf")])
   unet, unet_vars = load_diffusers_unet(str(tmp_path / "hf" / "unet"))
   vae, vae_vars = load_diffusers_vae(str(tmp_path / "hf" / "vae"))
-  assert unet == stage.unet and vae == stage.first.module
+  assert unet == ldm.unet and vae == ldm.first.module
   assert_same_tree(unet_vars["params"], pipeline.params["unet"])
   assert_same_tree(vae_vars["params"], frozen["autoencoder"]["params"])
   table = load_file(str(tmp_path / "hf" / "class_embeddings.safetensors"))["embedding.weight"]
@@ -172,7 +172,8 @@ def test_compvis_attention_block_matches_its_definition(new_order):
   """openaimodel's AttentionBlock (unconditional CompVis LDMs), computed here in numpy from its
   definition on torch-layout weights: conv1d qkv split per head as [q|k|v] (legacy) or as
   [q of all heads | k | v] (use_new_attention_order)."""
-  from ldm_jax.interop import names
+  from ldm_jax.interop import build, names
+  from ldm_jax.models.unet import UNet
   from ldm_jax.interop.weights import state_to_params
   from ldm_jax.models.attention import AttentionBlock
   c, heads, d = 64, 4, 16
@@ -198,11 +199,12 @@ def test_compvis_attention_block_matches_its_definition(new_order):
   ref = xt + np.einsum("oi,bit->bot", state["proj_out.weight"][:, :, 0], a) + \
       state["proj_out.bias"][:, None]
   ref = ref.transpose(0, 2, 1).reshape(x.shape)
-  # ldm_jax, through the UNet's CompVis name map (its middle attention block).
-  entries = names.unet_entries(model_channels=c, channel_mult=(1,), num_res_blocks=1,
-                               attention_resolutions=(), use_spatial_transformer=False,
-                               new_attention_heads=(lambda level: heads) if new_order else None,
-                               layout=names.COMPVIS)
+  # ldm_jax, through the CompVis name map of a UNet with it (its middle attention block).
+  unet = UNet(model_channels=c, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
+              num_heads=heads, use_spatial_transformer=False)
+  entries = names.unet_entries(build.unet_shapes(unet, None), names.COMPVIS, levels=1,
+                               num_res_blocks=1,
+                               new_attention_heads=(lambda level: heads) if new_order else None)
   block = [_rerooted(e) for e in entries if e.flax[0] == "middle_block_1"]
   module = AttentionBlock(heads)
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x))

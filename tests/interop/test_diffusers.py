@@ -1,4 +1,6 @@
 """diffusers folders: parity with diffusers' own outputs, and exact round trips."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,30 @@ def test_unet_matches_diffusers(fixture_dir, outputs, name):
   assert rel_err(eps, outputs[f"{name}/eps"]) < TOL
 
 
-@pytest.mark.parametrize("name", ["vae_kl", "vq", "unet_conv", "unet_linear"])
+def test_groupnorm8_autoencoder_matches_diffusers(fixture_dir, outputs_groups8):
+  """norm_num_groups=8 (16 channels: no 32-group GroupNorm fits) becomes model.norm_groups."""
+  out = outputs_groups8
+  module, variables = load_diffusers_vae(str(fixture_dir / "vae_g8"))
+  assert (module.norm_groups, module.ch, module.attn_resolutions) == (8, 16, (8,))
+  posterior = jax.jit(lambda v, x: module.apply(v, x, method="encode"))(variables, out["image"])
+  decoded = jax.jit(lambda v, z: module.apply(v, z, method="decode"))(variables, out["vae_g8/z"])
+  assert rel_err(posterior.mean, out["vae_g8/mean"]) < TOL
+  assert rel_err(posterior.logvar, out["vae_g8/logvar"]) < TOL
+  assert rel_err(decoded, out["vae_g8/decoded"]) < TOL
+
+
+def test_groupnorm8_unet_matches_diffusers(fixture_dir, outputs_groups8):
+  """norm_num_groups=8 and norm_eps=1e-3 become the UNet's norm_groups / norm_eps."""
+  out = outputs_groups8
+  module, variables = load_diffusers_unet(str(fixture_dir / "unet_g8"))
+  assert (module.norm_groups, module.norm_eps, module.model_channels) == (8, 1e-3, 16)
+  eps = jax.jit(lambda v, x, t, c: module.apply(v, x, t, c))(
+      variables, out["unet/x"], out["unet/t"], out["unet/context"])
+  assert rel_err(eps, out["unet_g8/eps"]) < TOL
+
+
+@pytest.mark.parametrize("name", ["vae_kl", "vq", "unet_conv", "unet_linear", "vae_g8",
+                                  "unet_g8"])
 def test_fixture_files_round_trip_exactly(fixture_dir, tmp_path, name):
   """diffusers files -> ldm_jax -> diffusers files gives back every tensor, bit for bit."""
   src = fixture_dir / name
@@ -69,9 +94,12 @@ def test_fixture_files_round_trip_exactly(fixture_dir, tmp_path, name):
   for key, value in original.items():
     assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
     np.testing.assert_array_equal(written[key], value, err_msg=key)
-  # The written config describes the same architecture.
+  # The written config describes the same architecture, GroupNorm settings included.
   again = (load_diffusers_unet if name.startswith("unet") else load_diffusers_vae)(str(tmp_path))
   assert again[0] == module
+  configs = [json.loads((folder / "config.json").read_text()) for folder in (src, tmp_path)]
+  for key in ("norm_num_groups", "norm_eps") if name.startswith("unet") else ("norm_num_groups",):
+    assert configs[1][key] == configs[0][key], key
 
 
 def _random_params(abstract, seed):

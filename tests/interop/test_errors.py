@@ -55,7 +55,7 @@ def test_unsupported_unet_settings_are_named(fixture_dir, tmp_path, field, value
 @pytest.mark.parametrize("field,value,match", [
     ("mid_block_add_attention", False, "mid_block_add_attention=False is not supported"),
     ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"], "is not mirrored"),
-    ("norm_num_groups", 16, "norm_num_groups=16 is not supported"),
+    ("norm_num_groups", 12, r"divisible by model.norm_groups \(12\)"),
 ])
 def test_unsupported_vae_settings_are_named(fixture_dir, tmp_path, field, value, match):
   def edit(config):
