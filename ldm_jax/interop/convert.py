@@ -28,7 +28,7 @@ from ldm_jax.interop.exports import export_autoencoder, export_ldm
 def from_compvis(args) -> str:
   from ldm_jax.interop import compvis  # pylint: disable=g-import-not-at-top
   model = compvis.load_compvis(args.ckpt, args.yaml, use_ema=not args.no_ema,
-                               class_null=args.class_null, trust_pickle=args.trust_pickle)
+                               class_null=args.class_null)
   for part, why in model.unsupported.items():
     print(f"not converted: {part}: {why}")
   if args.part == "autoencoder" or (model.config is None and model.unet is None):
@@ -92,7 +92,9 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="source", required=True)
   cv = sub.add_parser("compvis", help="A CompVis .ckpt / .safetensors with its YAML config.")
-  cv.add_argument("--ckpt", required=True, help="The checkpoint (.ckpt needs torch).")
+  cv.add_argument("--ckpt", required=True,
+                  help="The checkpoint (a .ckpt's tensors are read without torch and without "
+                  "running code from the pickle).")
   cv.add_argument("--yaml", required=True, help="Its CompVis model config.")
   cv.add_argument("--part", default="ldm", choices=("ldm", "autoencoder"),
                   help="Export the whole LDM, or only the first stage (stage-1 export).")
@@ -101,8 +103,6 @@ def main(argv=None):
   cv.add_argument("--class_null", default="learned", choices=("learned", "zeros"),
                   help="learned: the class table's last row is the unconditional class "
                   "(cin256-v2); zeros: every row is a class.")
-  cv.add_argument("--trust_pickle", action="store_true",
-                  help="Unpickle full Lightning checkpoints (runs code from the file).")
   cv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   df = sub.add_parser("diffusers", help="A diffusers autoencoder folder (stage-1 export).")
   df.add_argument("--vae", help="AutoencoderKL / VQModel folder (or a pipeline folder).")

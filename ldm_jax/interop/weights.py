@@ -1,5 +1,6 @@
 """Tensors between PyTorch state dicts and Flax parameter trees, by the maps of names.py, and the
-files that hold them (.safetensors without torch; pickled .ckpt through torch when installed).
+files that hold them (.safetensors, and pickled .ckpt through safe_pickle's allow-list; neither
+needs torch, and reading never runs code from the file).
 
 Conversions are strict: every tensor the architecture needs must be present with its shape, and
 every tensor of the file must be used (or explicitly ignored by the caller); otherwise one
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import struct
+import warnings
 
 import numpy as np
 
 from ldm_jax.errors import ConversionError, UnsupportedError  # noqa: F401  (re-exported)
+from ldm_jax.interop import safe_pickle
 from ldm_jax.interop.names import Entry
 
 
@@ -167,52 +169,69 @@ def params_to_state(params: dict, entries: list[Entry], dtype=np.float32) -> dic
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-TORCH_FREE_HINT = (
-    "python -c \"import torch, safetensors.torch as st; sd = torch.load('model.ckpt', "
-    "map_location='cpu', weights_only=False); sd = sd.get('state_dict', sd); st.save_file("
-    "{k: v.contiguous().clone() for k, v in sd.items() if torch.is_tensor(v)}, "
-    "'model.safetensors')\"")
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a .safetensors file as numpy arrays (no torch). bfloat16 tensors, which
-  numpy cannot name, come back as float32."""
+  numpy cannot name, come back as float32. A damaged file raises one ConversionError line."""
   try:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     return load_file(path)
-  except TypeError:
-    return _read_safetensors_raw(path)     # bfloat16 inside
   except FileNotFoundError as e:
     raise ConversionError(f"no such file: '{path}'") from e
-  except Exception as e:  # safetensors raises its own error types
-    raise ConversionError(f"'{path}' is not a readable .safetensors file "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+  except Exception as e:  # pylint: disable=broad-except  # safetensors has its own error types
+    error = e
+  # bfloat16 inside (numpy has no name for it), or a damaged file: the raw reader reads the
+  # first and says precisely what is wrong with the second.
+  state = _read_safetensors_raw(path)
+  if isinstance(error, TypeError):
+    return state
+  raise ConversionError(f"'{path}' is not a readable .safetensors file "
+                        f"({type(error).__name__}: {' '.join(str(error).split())[:200]})")
 
 
 _RAW_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+               "BF16": np.uint16}
 
 
 def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
-  """The safetensors format read directly: a u64 header length, a JSON header, the data."""
+  """The safetensors format read directly: a u64 header length, a JSON header (name -> dtype,
+  shape, data_offsets), the data. Every inconsistency is a ConversionError naming the file."""
+  def bad(what):
+    return ConversionError(f"'{path}' is not a readable .safetensors file ({what})")
   with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    data = f.read()
+    blob = f.read()
+  if len(blob) < 8:
+    raise bad(f"{len(blob)} bytes, shorter than the 8-byte header length")
+  (n,) = struct.unpack("<Q", blob[:8])
+  if n > len(blob) - 8:
+    raise bad(f"the header says {n} bytes, the file holds {len(blob) - 8} after the length: "
+              f"truncated, or not a .safetensors file")
+  try:
+    header = json.loads(blob[8:8 + n])
+  except ValueError as e:
+    raise bad(f"its JSON header does not parse: {e}") from None
+  if not isinstance(header, dict):
+    raise bad("its header is not a JSON object")
+  data = memoryview(blob)[8 + n:]
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    start, stop = info["data_offsets"]
-    raw = data[start:stop]
-    if info["dtype"] == "BF16":
-      bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
-      arr = bits.view(np.float32)
-    elif info["dtype"] in _RAW_DTYPES:
-      arr = np.frombuffer(raw, _RAW_DTYPES[info["dtype"]])
-    else:
-      raise ConversionError(f"'{path}': tensor {name} has unsupported dtype {info['dtype']}")
-    out[name] = arr.reshape(info["shape"]).copy()
+    try:
+      start, stop = (int(x) for x in info["data_offsets"])
+      dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError):
+      raise bad(f"the header entry of {name} lacks dtype, shape or data_offsets") from None
+    if dtype not in _RAW_DTYPES:
+      raise bad(f"tensor {name} has unsupported dtype {dtype}")
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_RAW_DTYPES[dtype]).itemsize
+    if not 0 <= start <= stop <= len(data) or stop - start != need or min(shape, default=0) < 0:
+      raise bad(f"tensor {name} of shape {list(shape)} {dtype} has bytes [{start}, {stop}) of "
+                f"{len(data)}: truncated, or a damaged header")
+    arr = np.frombuffer(data[start:stop], _RAW_DTYPES[dtype])
+    if dtype == "BF16":
+      arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    out[name] = arr.reshape(shape).copy()
   return out
 
 
@@ -224,70 +243,20 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
             metadata={"format": "pt"})
 
 
-class _Placeholder:
-  """Stands in for classes of a pickled Lightning checkpoint that are not importable here
-  (callbacks, optimizer configs); only the tensors are kept."""
+def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Tensors of a .safetensors file or of a pickled .ckpt / .pt / .pth / .bin file (a torch
+  zip checkpoint: a Lightning checkpoint's 'state_dict', or a pickled dict of tensors). Pickles
+  are read by safe_pickle's allow-list, never by pickle.load or torch.load, so no code from the
+  file runs; bfloat16 becomes float32.
 
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-
-  def __setstate__(self, state):
-    del state
-
-
-class _LenientUnpickler(pickle.Unpickler):
-  def find_class(self, module, name):
-    try:
-      return super().find_class(module, name)
-    except (ImportError, AttributeError):
-      return _Placeholder
-
-
-class _LenientPickle:
-  """A pickle module for torch.load whose Unpickler tolerates missing classes."""
-  __name__ = "pickle"
-  Unpickler = _LenientUnpickler
-  load = staticmethod(lambda f, **kw: _LenientUnpickler(f, **kw).load())
-
-
-def read_torch_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """The tensors of a pickled PyTorch checkpoint (a Lightning .ckpt: its 'state_dict').
-
-  Needs torch. Files holding Python objects besides tensors (full Lightning checkpoints) are
-  only unpickled with `trust_pickle`, since unpickling can run code from the file.
+  trust_pickle: no longer has an effect (nothing is unpickled beyond the allow-list); kept so
+  that existing callers still run.
   """
+  if trust_pickle:
+    warnings.warn("read_state_dict(trust_pickle=True) has no effect: pickles are read by an "
+                  "allow-list unpickler only", DeprecationWarning, stacklevel=2)
   if not os.path.isfile(path):
     raise ConversionError(f"no such file: '{path}'")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ConversionError(
-        f"reading '{path}' (a pickled PyTorch checkpoint) needs torch, which is not installed: "
-        f"`pip install torch` (the CPU build is enough), or convert it once to .safetensors "
-        f"where torch is installed: {TORCH_FREE_HINT}") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    if not trust_pickle:
-      raise ConversionError(
-          f"'{path}' holds Python objects besides tensors (a full Lightning checkpoint) and "
-          f"unpickling it can run code from the file: if you trust it, pass trust_pickle=True "
-          f"(--trust_pickle), or convert it to .safetensors: {TORCH_FREE_HINT}") from e
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickle)
-  state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-  if not isinstance(state, dict):
-    raise ConversionError(f"'{path}' holds no state dict (found {type(obj).__name__})")
-  out = {}
-  for k, v in state.items():
-    if torch.is_tensor(v):
-      v = v.detach().cpu()
-      out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-  return out
-
-
-def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors file (no torch needed) or of a pickled .ckpt / .pt / .pth /
-  .bin file (needs torch)."""
   if path.endswith(".safetensors"):
     return read_safetensors(path)
-  return read_torch_checkpoint(path, trust_pickle)
+  return safe_pickle.load_state_dict(path)
