@@ -8,6 +8,9 @@
 
 Writes <out>/images/NNNNNN.png, <out>/samples.npz and <out>/grid.png. Rerunning the same command
 resumes an interrupted job: only missing samples are generated, and they are the same pixels.
+A mistake (a bad flag, a job the model cannot do, an --out holding another job) stops with one
+line on stderr naming the flag and the fix, exit status 2; --verbose (or LDM_JAX_VERBOSE=1) adds
+the traceback.
 """
 import os
 import sys
@@ -15,6 +18,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+
+from ldm_jax import cli  # noqa: E402
+from ldm_jax.errors import JobError  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "A stage-2 training workdir or an inference export.")
 flags.DEFINE_string("out", None, "Output folder (resumable).")
@@ -37,29 +43,44 @@ flags.DEFINE_integer("image_size", None, "Sample larger (or smaller) images than
                      "size: the UNet runs convolutionally on the larger latent.")
 flags.DEFINE_integer("tile", 0, "Decode latents in overlapping tiles of this many latent pixels "
                      "(bounds decoder memory for large images); 0 decodes whole.")
+flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS
 
 
+def _prompts(path):
+  """--prompts' lines (None without it); a missing file is a JobError naming the flag."""
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise JobError(f"--prompts: no such file '{path}' (give a text file, one prompt per line)")
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _classes(values):
+  """--classes as ints; anything else is a JobError naming the flag."""
+  try:
+    return [int(c) for c in values]
+  except ValueError:
+    raise JobError(f"--classes: expected class numbers separated by commas (e.g. "
+                   f"--classes=0,7), got {','.join(values)}") from None
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.absl_flags_parser refuses positional arguments
   # pylint: disable=g-import-not-at-top
   from ldm_jax import sampling_job
-  from ldm_jax.cli import friendly_errors, setup_logging
   from ldm_jax.inference import load_pipeline
   from ldm_jax.parallel.mesh import maybe_initialize_distributed
-  setup_logging()
-  maybe_initialize_distributed()
-  with friendly_errors():
+  cli.setup_logging()
+  with cli.friendly_errors():
+    maybe_initialize_distributed()
+    classes, prompts = _classes(FLAGS.classes), _prompts(FLAGS.prompts)
     pipeline = load_pipeline(FLAGS.checkpoint)
-    prompts = None
-    if FLAGS.prompts:
-      with open(FLAGS.prompts, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
     job = sampling_job.job_for(
         pipeline, num_samples=FLAGS.num_samples, per_class=FLAGS.per_class,
-        classes=[int(c) for c in FLAGS.classes], prompts=prompts, per_prompt=FLAGS.per_prompt,
+        classes=classes, prompts=prompts, per_prompt=FLAGS.per_prompt,
         seed=FLAGS.seed, batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps,
         eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing,
         image_size=FLAGS.image_size, tile=FLAGS.tile)
@@ -70,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=cli.absl_flags_parser()))

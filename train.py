@@ -6,6 +6,9 @@
   python train.py --config=configs/tiny_ae.py:vq --workdir=/tmp/x --config.train.num_steps=10
 
 Any config field can be overridden with --config.<field>=<value>; see docs/config.md.
+A mistake (unknown field, wrong type, missing config file, inconsistent settings) stops with one
+line on stderr naming the field and the fix, exit status 2; --verbose (or LDM_JAX_VERBOSE=1)
+adds the traceback.
 """
 import os
 import sys
@@ -15,26 +18,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from ldm_jax import cli  # noqa: E402
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder for checkpoints, logs and images; a rerun with "
                     "the same workdir resumes from its latest checkpoint.")
+flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # cli.absl_flags_parser refuses positional arguments
   # pylint: disable=g-import-not-at-top
-  from ldm_jax.cli import friendly_errors, setup_logging
   from ldm_jax.parallel.mesh import maybe_initialize_distributed
   from ldm_jax.training.loop import train_and_evaluate
-  setup_logging()
-  maybe_initialize_distributed()
-  with friendly_errors():
+  cli.setup_logging()
+  with cli.friendly_errors():
+    maybe_initialize_distributed()
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=cli.absl_flags_parser("config")))

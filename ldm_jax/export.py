@@ -6,14 +6,15 @@
 An LDM export holds the UNet's EMA weights, the conditioning model, the frozen autoencoder, the
 config, the latent scale factor and the tokenizer; sample.py loads it without the training
 state. An autoencoder export holds the autoencoder (a stage-2 first_stage.checkpoint).
+A mistake stops with one line on stderr and exit status 2; --verbose (or LDM_JAX_VERBOSE=1) adds
+the traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-from ldm_jax.cli import friendly_errors, setup_logging
+from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 
 
 def export_workdir(workdir: str, out: str, dtype: str = "float32") -> str:
@@ -35,8 +36,7 @@ def export_workdir(workdir: str, out: str, dtype: str = "float32") -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m ldm_jax.export", description=__doc__)
   parser.add_argument("--workdir", required=True, help="A training workdir (either stage).")
   parser.add_argument("--out", required=True, help="The export folder to create.")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),

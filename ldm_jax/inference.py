@@ -20,6 +20,7 @@ from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_expo
                                 load_inference)
 from ldm_jax.data import conditions
 from ldm_jax.data.text import TextTokenizer, tokenizer_for
+from ldm_jax.errors import JobError
 from ldm_jax.first_stage import FirstStage, load_first_stage
 from ldm_jax.ldm import LatentDiffusion, SampleSettings, tiled_decode  # noqa: F401 (re-export)
 from ldm_jax.models.build import build_autoencoder, dtype_of
@@ -52,16 +53,16 @@ class Pipeline:
     cond = self.ldm.cond
     if cond.context == "class" or cond.adm:
       if labels is None:
-        raise ValueError(f"this model is class-conditional ({self.num_classes} classes): give "
-                         f"class labels")
+        raise JobError(f"this model is class-conditional ({self.num_classes} classes): give "
+                       f"class labels")
       batch["label"] = np.asarray(labels, np.int32).reshape(n)
     if cond.context == "text":
       if prompts is None:
-        raise ValueError("this model is text-conditional: give prompts")
+        raise JobError("this model is text-conditional: give prompts")
       batch["tokens"] = self.ldm.tokenizer.encode(list(prompts))
     if cond.concat:
       if images is None:
-        raise ValueError(f"this model concatenates a '{cond.concat}' condition: give images")
+        raise JobError(f"this model concatenates a '{cond.concat}' condition: give images")
       example_fn = conditions.route_example_fn(self.config, train=False,
                                                latent_size=self.ldm.latent_size)
       seg = cond.concat == "segmentation"
@@ -73,7 +74,7 @@ class Pipeline:
           batch[key] = np.stack([e[key] for e in examples])
       if cond.concat == "inpaint":
         if masks is None:
-          raise ValueError("an inpainting model needs masks (1 = region to fill)")
+          raise JobError("an inpainting model needs masks (1 = region to fill)")
         batch["mask"] = np.stack([np.asarray(m, np.float32).reshape(
             examples[0]["image"].shape[:2] + (1,)) for m in masks])
     return batch

@@ -10,18 +10,18 @@
    between classifier features of samples and of 1,000 held-out digits, next to the distance
    between two held-out real splits as the floor.
 
-Every stage resumes: rerunning the command continues where it stopped.
+Every stage resumes: rerunning the command continues where it stopped. A mistake stops with one
+line on stderr and exit status 2; --verbose (or LDM_JAX_VERBOSE=1) adds the traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
 
 from ldm_jax import config as config_lib
-from ldm_jax.cli import friendly_errors, setup_logging
+from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 from ldm_jax.data import presets
 
 logger = logging.getLogger("ldm_jax")
@@ -184,8 +184,7 @@ def run(workdir: str, *, ae_steps: int = 300, ldm_steps: int = 500, per_class: i
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m ldm_jax.quickstart", description=__doc__)
   parser.add_argument("--workdir", default="runs/quickstart")
   parser.add_argument("--ae_steps", type=int, default=300)
   parser.add_argument("--ldm_steps", type=int, default=500)
