@@ -17,11 +17,9 @@ and ldm_jax.inference.load_pipeline read them as they read exports of trained mo
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-from ldm_jax.cli import friendly_errors, setup_logging
+from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 from ldm_jax.interop.exports import export_autoencoder, export_ldm
 
 
@@ -88,8 +86,7 @@ def to_diffusers(args) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python -m ldm_jax.interop.convert", description=__doc__)
   sub = parser.add_subparsers(dest="source", required=True)
   cv = sub.add_parser("compvis", help="A CompVis .ckpt / .safetensors with its YAML config.")
   cv.add_argument("--ckpt", required=True,
@@ -114,14 +111,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="The folder to create.")
   args = parser.parse_args(argv)
   setup_logging()
-  from ldm_jax.interop.weights import ConversionError  # pylint: disable=g-import-not-at-top
-  with friendly_errors():
-    try:
-      path = {"compvis": from_compvis, "diffusers": from_diffusers,
-              "to-diffusers": to_diffusers}[args.source](args)
-    except ConversionError as e:
-      sys.stderr.write(f"error: {e}\n")
-      sys.exit(2)
+  with friendly_errors():   # ConversionError is an LdmJaxError: one line, exit 2
+    path = {"compvis": from_compvis, "diffusers": from_diffusers,
+            "to-diffusers": to_diffusers}[args.source](args)
   print(f"wrote {path}")
 
 
