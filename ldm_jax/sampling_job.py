@@ -136,8 +136,8 @@ def run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None = None) -> dic
   key = jax.random.PRNGKey(job.seed)
   starts = [s for s in range(0, job.num_samples, batch)
             if not all(i in done for i in range(s, min(s + batch, job.num_samples)))]
-  logger.info("sampling %d images (%d already there) in batches of %d on %d devices", job.num_samples,
-              len(done), batch, n_dev)
+  logger.info("sampling %d images (%d already there) in batches of %d on %d devices",
+              job.num_samples, len(done), batch, n_dev)
   t0, generated = time.time(), 0
   t_first, first_count, rate = None, 0, 0.0
   for start in starts:

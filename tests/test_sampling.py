@@ -2,7 +2,9 @@
 one compilation serves a whole job, samples do not depend on batching, exports round-trip, and
 tiled decoding blends tiles exactly."""
 import filecmp
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +132,24 @@ def test_export_round_trip_samples_identically(pipeline, trained, tmp_path):
     export_pipeline(pipeline, str(tmp_path / "export"))
   with pytest.raises(CheckpointError, match="neither an ldm_jax export nor a training workdir"):
     load_pipeline(str(tmp_path))
+
+
+def test_workdirs_from_before_checkpoints_recorded_the_model_still_load(pipeline, trained,
+                                                                         tmp_path):
+  """A format-1 workdir (metadata without 'format'/'model'): config.json and the weights give
+  the same model; the recorded facts of a current one are what it reads otherwise."""
+  old = tmp_path / "old"
+  shutil.copytree(trained, old)
+  meta_file = old / "checkpoints" / "2" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  assert meta["format"] == 2 and meta["model"]["num_classes"] == 10
+  assert meta["model"]["first_stage"]["path"] == pipeline.ldm.first.identity["path"]
+  meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("format", "model")}))
+  loaded = load_pipeline(str(old))
+  assert loaded.num_classes == 10 and loaded.scale_factor == pipeline.scale_factor
+  for a, b in zip(jax.tree_util.tree_leaves(pipeline.params),
+                  jax.tree_util.tree_leaves(loaded.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_tiled_decoding_blends_tiles_exactly():

@@ -305,7 +305,7 @@ def _where(ckpt_path: str) -> str:
 # Public loaders
 # ---------------------------------------------------------------------------------------------
 def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
-                 class_null: str = "learned", trust_pickle: bool = False,
+                 class_null: str = "learned",
                  state: dict | None = None) -> CompVisModel:
   """Converts a CompVis checkpoint (.ckpt or .safetensors) with its YAML config.
 
@@ -318,7 +318,7 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
   where = _where(ckpt_path)
   model = read_yaml(yaml_path)
   kind = model_kind(model, where)
-  state = read_state_dict(ckpt_path, trust_pickle) if state is None else state
+  state = read_state_dict(ckpt_path) if state is None else state
   if kind == "autoencoder":
     module, variables, ae_config, notes = _autoencoder_only(state, model, use_ema, where)
     return CompVisModel((module, variables), None, None, None, ae_config, 1.0, 0, {}, notes,
@@ -406,12 +406,12 @@ def _autoencoder_only(state, model, use_ema, where):
 
 
 def load_compvis_autoencoder(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
-                             trust_pickle: bool = False, state: dict | None = None):
+                             state: dict | None = None):
   """(module, variables) of the autoencoder of a CompVis LDM or autoencoder checkpoint."""
   where = _where(ckpt_path)
   model = read_yaml(yaml_path)
   kind = model_kind(model, where)
-  state = read_state_dict(ckpt_path, trust_pickle) if state is None else state
+  state = read_state_dict(ckpt_path) if state is None else state
   if kind == "autoencoder":
     module, variables, _, _ = _autoencoder_only(state, model, use_ema, where)
     return module, variables
@@ -422,20 +422,20 @@ def load_compvis_autoencoder(ckpt_path: str, yaml_path: str, *, use_ema: bool = 
 
 
 def load_compvis_unet(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
-                      trust_pickle: bool = False, state: dict | None = None):
+                      state: dict | None = None):
   """(module, variables) of the UNet of a CompVis LDM checkpoint (EMA weights preferred)."""
   where = _where(ckpt_path)
   model = read_yaml(yaml_path)
   if model_kind(model, where) != "ldm":
     raise ConversionError(f"{where}: '{yaml_path}' configures an autoencoder, not an LDM")
-  state = read_state_dict(ckpt_path, trust_pickle) if state is None else state
+  state = read_state_dict(ckpt_path) if state is None else state
   fields, context, new_order = unet_fields_from_yaml(model["params"]["unet_config"], where)
   module, variables, _ = _unet(state, fields, context, new_order, use_ema, where)
   return module, variables
 
 
 def load_compvis_cond(ckpt_path: str, yaml_path: str, *, class_null: str = "learned",
-                      trust_pickle: bool = False, state: dict | None = None):
+                      state: dict | None = None):
   """(module, variables) of the conditioning model (a ClassEmbedder) of a CompVis LDM."""
   where = _where(ckpt_path)
   model = read_yaml(yaml_path)
@@ -444,5 +444,5 @@ def load_compvis_cond(ckpt_path: str, yaml_path: str, *, class_null: str = "lear
   _, embedder = cond_from_yaml(model["params"], where, class_null)
   if embedder is None:
     raise ConversionError(f"{where}: the model is unconditional (no conditioning model)")
-  state = read_state_dict(ckpt_path, trust_pickle) if state is None else state
+  state = read_state_dict(ckpt_path) if state is None else state
   return _class_embedder(state, *embedder, class_null, where)

@@ -31,6 +31,7 @@ def export_ldm(out: str, model, dtype: str = "float32") -> str:
   meta = {"stage": "ldm", "scale_factor": float(model.scale_factor),
           "num_classes": int(model.num_classes), "dtype": dtype, "tokenizer": None,
           "autoencoder_config": json.loads(model.autoencoder_config.to_json_best_effort()),
+          "first_stage": {"path": None, "step": None, "ema": None, "source": model.source},
           "source": source}
   return save_inference(out, variables, config=config, meta=meta)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 
 import numpy as np
 
@@ -243,18 +242,12 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
             metadata={"format": "pt"})
 
 
-def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Tensors of a .safetensors file or of a pickled .ckpt / .pt / .pth / .bin file (a torch
   zip checkpoint: a Lightning checkpoint's 'state_dict', or a pickled dict of tensors). Pickles
   are read by safe_pickle's allow-list, never by pickle.load or torch.load, so no code from the
   file runs; bfloat16 becomes float32.
-
-  trust_pickle: no longer has an effect (nothing is unpickled beyond the allow-list); kept so
-  that existing callers still run.
   """
-  if trust_pickle:
-    warnings.warn("read_state_dict(trust_pickle=True) has no effect: pickles are read by an "
-                  "allow-list unpickler only", DeprecationWarning, stacklevel=2)
   if not os.path.isfile(path):
     raise ConversionError(f"no such file: '{path}'")
   if path.endswith(".safetensors"):

@@ -172,7 +172,7 @@ def test_mismatched_checkpoint_names_the_field_then_the_parameters(copy_of_three
                                                                    monkeypatch):
   _, workdir = copy_of_three_steps
   # The saved config names the changed field first...
-  with pytest.raises(ConfigError, match=r"model.ch 128 -> 64: the checkpoint in .* cannot "
+  with pytest.raises(ConfigError, match=r"model.ch 32 -> 64: the checkpoint in .* cannot "
                      r"resume as a different model"):
     Trainer(small_config(model__ch=64, **ONE_DEVICE), str(workdir), devices=jax.devices()[:1])
   # ...and without it (checkpoints that record no config) the arrays' shapes still do.
@@ -180,6 +180,26 @@ def test_mismatched_checkpoint_names_the_field_then_the_parameters(copy_of_three
   with pytest.raises(CheckpointError, match=r"does not match this config: .*shape mismatch: "
                      r"params/ae/decoder/conv_in/bias: checkpoint \(64,\) vs model \(128,\)"):
     Trainer(small_config(model__ch=64, **ONE_DEVICE), str(workdir), devices=jax.devices()[:1])
+
+
+def test_stage_two_pins_the_first_stage_step_it_started_from(uninterrupted):
+  """A stage-2 run that recorded first-stage step 3 keeps loading step 3 after the stage-1
+  workdir has saved step 6; a fresh run takes the latest; a vanished step is one clear line."""
+  from ldm_jax.training.stage2 import LatentDiffusionStage  # pylint: disable=g-import-not-at-top
+  _, workdir = uninterrupted
+  assert Checkpointer(str(workdir / "checkpoints")).all_steps() == [3, 6]
+  c = load_config("tiny_ldm", "uncond")
+  c.first_stage.checkpoint = str(workdir)
+  mesh = mesh_lib.create_mesh(c.mesh, jax.devices()[:1])
+  fresh = LatentDiffusionStage(c, mesh).first
+  pinned = LatentDiffusionStage(c, mesh, facts={"first_stage": {"step": 3}}).first
+  assert (fresh.identity["step"], pinned.identity["step"]) == (6, 3)
+  assert fresh.identity["path"] == pinned.identity["path"] == str(workdir)
+  a = jax.tree_util.tree_leaves(fresh.variables)[0]
+  b = jax.tree_util.tree_leaves(pinned.variables)[0]
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(CheckpointError, match=r"trained on step 9 of .* which no longer exists"):
+    LatentDiffusionStage(c, mesh, facts={"first_stage": {"step": 9}})
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """Stage-1 training on real digits: the reconstruction loss falls well below its start, the GAN
 switches on at disc_start, and the VQ variants train their codebooks."""
 import jax
-import numpy as np
 import pytest
 
 from ldm_jax.training.loop import train_and_evaluate
