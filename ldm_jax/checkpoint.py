@@ -6,6 +6,7 @@ any mesh's shardings) and JSON metadata (data-iterator position, config, stage f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -14,8 +15,11 @@ import flax
 import jax
 import orbax.checkpoint as ocp
 
+from ldm_jax import fileio
 from ldm_jax.errors import CheckpointError  # noqa: F401  (re-exported)
 from ldm_jax.parallel.sharding import path_str
+
+logger = logging.getLogger("ldm_jax")
 
 
 
@@ -173,38 +177,54 @@ INFERENCE_VERSION = 2
 
 
 def is_inference_export(directory: str) -> bool:
+  """Whether `directory` holds a complete export (meta.json, written last, names the format)."""
   try:
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
       return json.load(f).get("format") == INFERENCE_FORMAT
-  except (OSError, ValueError):
+  except (OSError, ValueError, AttributeError):
     return False
 
 
 def save_inference(directory: str, variables: dict, *, config, meta: dict,
                    extra_files: dict[str, str] | None = None):
-  """Writes an inference export: params/ (Orbax), config.json, meta.json and extra files.
+  """Writes an inference export: params/ (Orbax), config.json, extra files, then meta.json.
 
   `variables` maps component names ('unet', 'autoencoder', 'cond') to their Flax variables.
   `extra_files` maps names inside the export to files to copy (a tokenizer, for example).
+  Every file is written atomically and meta.json last, so it marks a complete export: a folder
+  with params/ but no meta.json holds an interrupted export, which a rerun replaces.
   """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
-  if os.path.exists(os.path.join(directory, "params")):
+  if is_inference_export(directory):
     raise CheckpointError(f"export folder '{directory}' already holds an export; choose another "
                           f"--out or delete it")
+  params = os.path.join(directory, "params")
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    partial = [name for name in os.listdir(directory)
+               if name == "params" or name.startswith("params.orbax-checkpoint-tmp-")]
+    if partial:
+      logger.warning("'%s' holds an interrupted export (params/ but no meta.json): replacing it",
+                     directory)
+      for name in partial:
+        shutil.rmtree(os.path.join(directory, name))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ldm_jax export start")
   os.makedirs(directory, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, "params"), variables)
+  checkpointer.save(params, variables)
   checkpointer.wait_until_finished()
   for name, source in (extra_files or {}).items():
-    shutil.copyfile(source, os.path.join(directory, name))
+    with fileio.atomic_path(os.path.join(directory, name)) as tmp:
+      shutil.copyfile(source, tmp)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-              else json.dumps(config, indent=2))
+    fileio.atomic_write_text(
+        os.path.join(directory, "config.json"),
+        config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
+        else json.dumps(config, indent=2))
     full = {"format": INFERENCE_FORMAT, "version": INFERENCE_VERSION,
             "components": sorted(variables), **meta}
-    with open(os.path.join(directory, "meta.json"), "w", encoding="utf-8") as f:
-      json.dump(full, f, indent=2)
+    fileio.atomic_write_text(os.path.join(directory, "meta.json"), json.dumps(full, indent=2))
   return directory
 
 
@@ -217,6 +237,9 @@ def read_inference_meta(directory: str) -> tuple[dict, dict]:
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
       config = json.load(f)
   except FileNotFoundError as e:
+    if not os.path.exists(path) and os.path.isdir(os.path.join(directory, "params")):
+      raise CheckpointError(f"'{directory}' holds an interrupted export (params/ but no "
+                            f"meta.json); rerun the export to replace it") from e
     raise CheckpointError(f"'{directory}' is not an ldm_jax inference export (missing "
                           f"{os.path.basename(e.filename)})") from e
   except ValueError as e:

@@ -34,6 +34,10 @@ class JobError(LdmJaxError, ValueError):
   """A sampling job asks for something impossible, or its output folder holds another job."""
 
 
+class LockError(LdmJaxError, RuntimeError):
+  """A workdir or output folder is in use by another run; the message names its host and pid."""
+
+
 class TrainingDiverged(LdmJaxError, FloatingPointError):
   """A loss or the weights became NaN or infinite; nothing after the last good checkpoint was
   saved."""

@@ -3,7 +3,10 @@ device and host, written as PNGs, an .npz and a grid; resumable and reproducible
 
 Sample i is a pure function of (model, settings, seed, i): its noise comes from its index, so an
 interrupted job rerun with the same command regenerates only the missing PNGs, and gets the same
-pixels it would have had. Host 0 writes; PNGs are written atomically (temp file + rename).
+pixels it would have had. Host 0 writes, and holds the output folder's lock (ldm_jax.locks) for
+the job's duration; every file is written atomically (temporary file + rename, ldm_jax.fileio).
+samples.npz is assembled from the PNGs one image at a time, so a 50k-sample job needs no more
+memory at the end than at the start.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from ldm_jax import fileio, locks
 from ldm_jax.data.preprocess import to_uint8
 from ldm_jax.errors import JobError  # noqa: F401  (re-exported)
 from ldm_jax.inference import Pipeline
@@ -95,9 +100,8 @@ def _png_path(out: str, i: int) -> str:
 
 
 def _write_png_atomic(path: str, image: np.ndarray):
-  tmp = path + ".tmp"
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
 
 
 def _check_job(out: str, spec: dict):
@@ -111,13 +115,17 @@ def _check_job(out: str, spec: dict):
                      f"use another --out or delete it")
   elif jax.process_index() == 0:
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(spec, f, indent=2)
+    fileio.atomic_write_text(path, json.dumps(spec, indent=2))
 
 
 def run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None = None) -> dict:
   """Runs (or resumes) a job; returns {'generated', 'skipped', 'compilations', 'seconds',
-  'samples_per_sec'}."""
+  'samples_per_sec'}. A second job on the same `out` meanwhile stops with a LockError."""
+  with locks.lock_folder(out, "sampling job", enabled=jax.process_index() == 0):
+    return _run(pipeline, job, out, mesh)
+
+
+def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
   mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
   n_dev = mesh.devices.size
   batch = job.batch_size
@@ -178,25 +186,66 @@ def _eta(seconds: float) -> str:
   return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _read_png(path: str) -> np.ndarray:
+  with Image.open(path) as png:
+    image = np.asarray(png)
+  return image[..., None] if image.ndim == 2 else image
+
+
+def _samples(out: str, job: Job, like: np.ndarray):
+  """The job's images, read from their PNGs one at a time, each checked against `like`."""
+  for i in range(job.num_samples):
+    image = _read_png(_png_path(out, i))
+    if image.shape != like.shape or image.dtype != like.dtype:
+      raise JobError(f"'{_png_path(out, i)}' is {image.dtype}{list(image.shape)}, unlike the "
+                     f"first sample's {like.dtype}{list(like.shape)}; delete it and rerun the "
+                     f"job to regenerate it")
+    yield image
+
+
 def _write_summaries(out: str, job: Job):
-  """samples.npz (uint8 images + labels/prompts) and grid.png (one row per class if any)."""
-  images = np.stack([np.asarray(Image.open(_png_path(out, i))) for i in range(job.num_samples)])
-  if images.ndim == 3:
-    images = images[..., None]
-  extra = {}
+  """samples.npz (uint8 images + labels/prompts) and grid.png (one row per class if any).
+
+  The images go from the PNGs into the npz one at a time and are never stacked in memory; the
+  grid reads only the images it shows (the first 64, or the first 10 of each class).
+  """
+  first = _read_png(_png_path(out, 0))
+  with fileio.atomic_path(os.path.join(out, "samples.npz")) as tmp:
+    # np.savez_compressed's layout: a zip of one .npy member per key.
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
+      _write_npy_member(zf, "images.npy", (job.num_samples,) + first.shape, first.dtype,
+                        _samples(out, job, first))
+      if job.labels is not None:
+        with zf.open("labels.npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asarray(job.labels, np.int32))
+      if job.prompts is not None:
+        with zf.open("prompts.npy", "w", force_zip64=True) as f:
+          np.lib.format.write_array(f, np.asarray(job.prompts))
   if job.labels is not None:
-    extra["labels"] = np.asarray(job.labels, np.int32)
-  if job.prompts is not None:
-    extra["prompts"] = np.asarray(job.prompts)
-  np.savez_compressed(os.path.join(out, "samples.npz"), images=images, **extra)
-  if job.labels is not None:
-    # One row per class: its first (up to) 10 samples.
+    # One row per class: its first (up to) 10 samples, padded with white.
     labels = np.asarray(job.labels)
-    rows = [images[labels == c][:10] for c in dict.fromkeys(job.labels)]
+    rows = [np.flatnonzero(labels == c)[:10] for c in dict.fromkeys(job.labels)]
     width = max(len(r) for r in rows)
-    grid = image_grid(np.concatenate([np.concatenate([r, np.full((width - len(r),) + r.shape[1:],
-                                                                 255, np.uint8)])
-                                      for r in rows]), ncols=width)
+    blank = np.full(first.shape, 255, first.dtype)
+    shown = [_read_png(_png_path(out, r[k])) if k < len(r) else blank
+             for r in rows for k in range(width)]
+    grid = image_grid(np.asarray(shown), ncols=width)
   else:
-    grid = image_grid(images[:64])
+    grid = image_grid(np.asarray([_read_png(_png_path(out, i))
+                                  for i in range(min(64, job.num_samples))]))
   save_png(os.path.join(out, "grid.png"), grid)
+
+
+def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple, dtype, rows):
+  """Writes member `name` of `zf` as the .npy of one C-order (shape, dtype) array whose rows
+  come from the iterable `rows`, consumed one at a time (np.load reads it like np.save's)."""
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": tuple(int(d) for d in shape)}
+  count = 0
+  with zf.open(name, "w", force_zip64=True) as f:
+    np.lib.format.write_array_header_1_0(f, header)
+    for row in rows:
+      f.write(np.ascontiguousarray(row, dtype).tobytes())
+      count += 1
+  if count != shape[0]:
+    raise JobError(f"{name}: {count} rows written where the header says {shape[0]}")

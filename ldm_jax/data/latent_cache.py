@@ -6,7 +6,8 @@ pre-quantisation latent. Images are centre-cropped (no random crops); data.rando
 the latents. Files: latents.npy (N, h, w, C), labels.npy, captions.json, one <name>.npy per
 spatial condition the route needs (e.g. lowres.npy, segmentation.npy, aligned with the cached
 crop), and complete.json, written last, which records what was encoded so a stale cache is
-refused.
+refused. Every file is written under a temporary name and renamed into place (ldm_jax.fileio), so
+an interrupted build leaves no half-written file under a final name.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ldm_jax import fileio
 from ldm_jax.data.pipeline import InputPipeline, to_global
 from ldm_jax.data.sources import DataError, Source
 
@@ -87,6 +89,13 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   latents = labels = None
   conditions: dict[str, np.ndarray] = {}
   captions = [] if "caption" in source[0] else None
+  partial: dict[str, str] = {}   # final path -> its temporary, renamed into place at the end
+
+  def temporary(name: str) -> str:
+    final = os.path.join(directory, name)
+    partial[final] = fileio.temporary_name(final)
+    return partial[final]
+
   t0 = time.time()
   try:
     for start in range(0, n, global_batch):
@@ -100,11 +109,11 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
                for k, v in local.items() if k not in ("image", "label")}
       if lead:
         if latents is None:
-          latents = np.lib.format.open_memmap(os.path.join(directory, "latents.npy"), "w+",
-                                              np.float32, (n,) + out.shape[1:])
+          latents = np.lib.format.open_memmap(temporary("latents.npy"), "w+", np.float32,
+                                              (n,) + out.shape[1:])
           labels = np.zeros((n,), np.int32) if "label" in local else None
-          conditions = {k: np.lib.format.open_memmap(os.path.join(directory, f"{k}.npy"), "w+",
-                                                     v.dtype, (n,) + v.shape[1:])
+          conditions = {k: np.lib.format.open_memmap(temporary(f"{k}.npy"), "w+", v.dtype,
+                                                     (n,) + v.shape[1:])
                         for k, v in extra.items()}
         latents[start:start + count] = out[:count]
         if labels is not None:
@@ -117,20 +126,27 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
       if (start // global_batch) % 50 == 0:
         logger.info("latent cache: %d/%d encoded (%.0f images/s)", start + count, n,
                     (start + count) / max(time.time() - t0, 1e-9))
+  except BaseException:
+    for tmp in partial.values():
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    raise
   finally:
     pipe.close()
   if lead:
     latents.flush()
     for values in conditions.values():
       values.flush()
+    for final, tmp in partial.items():
+      os.replace(tmp, final)
     if labels is not None:
-      np.save(os.path.join(directory, "labels.npy"), labels)
+      with fileio.atomic_path(os.path.join(directory, "labels.npy")) as tmp:
+        np.save(tmp, labels)
     if captions is not None:
-      with open(os.path.join(directory, "captions.json"), "w", encoding="utf-8") as f:
-        json.dump(captions, f)
-    with open(marker, "w", encoding="utf-8") as f:
-      json.dump({"count": n, "shape": list(latents.shape[1:]), "fingerprint": fingerprint,
-                 "num_classes": num_classes, "conditions": sorted(conditions)}, f)
+      fileio.atomic_write_text(os.path.join(directory, "captions.json"), json.dumps(captions))
+    fileio.atomic_write_text(marker, json.dumps({
+        "count": n, "shape": list(latents.shape[1:]), "fingerprint": fingerprint,
+        "num_classes": num_classes, "conditions": sorted(conditions)}))
     logger.info("latent cache: %d latents written to %s in %.0f s", n, directory,
                 time.time() - t0)
   multihost_utils.sync_global_devices("ldm_jax latent cache")

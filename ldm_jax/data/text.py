@@ -7,6 +7,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ldm_jax import fileio
 from ldm_jax.data.conditions import context_kind
 from ldm_jax.data.sources import DataError
 
@@ -64,8 +65,8 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int, path: str) -> str:
   cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tok.save(path)
+  with fileio.atomic_path(path) as tmp:   # a kill never leaves a torn tokenizer.json
+    tok.save(tmp)
   return path
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from ldm_jax import config as config_lib
+from ldm_jax import fileio, locks
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
 from ldm_jax.data.sources import open_source
@@ -93,6 +94,15 @@ class Trainer:
     self.config = config_lib.validate(config)
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
+    # One run per workdir (process 0 locks it): close() releases the lock, as does a failed set-up.
+    self._lock = locks.lock_folder(self.workdir, "training run", jax.process_index() == 0)
+    try:
+      self._set_up(config, devices)
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _set_up(self, config, devices):
     self.mesh = mesh_lib.create_mesh(config.mesh, devices)
     n_shards = mesh_lib.num_batch_shards(self.mesh)
     micro = config.train.batch_size // config.train.grad_accum
@@ -216,7 +226,7 @@ class Trainer:
     metrics, one dict per logged step (with its 'step')."""
     c, t = self.config, self.config.train
     self.writer = reporting.create_writer(self.workdir)
-    metrics_log = reporting.MetricsLog(self.workdir)
+    metrics_log = reporting.MetricsLog(self.workdir, resume_step=self.start_step)
     self.last_saved = self.checkpointer.latest_step()
     step = self.start_step
     if step == 0:
@@ -273,8 +283,11 @@ class Trainer:
     return to_global(local, self.batch_sharding)
 
   def close(self):
-    self.pipeline.close()
-    self.checkpointer.close()
+    try:
+      self.pipeline.close()
+      self.checkpointer.close()
+    finally:
+      self._lock.release()
 
 
 # The trainer of each `config.stage` (the schema's `stage` choices).
@@ -298,10 +311,7 @@ def _write_if_changed(path: str, text: str):
         return
   except OSError:
     pass
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, text)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from ldm_jax import fileio
 from ldm_jax.data.preprocess import to_uint8
 
 logger = logging.getLogger("ldm_jax")
@@ -91,21 +92,55 @@ def image_grid(images, ncols: int | None = None, pad: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray):
+  """Writes a uint8 (H, W, C) image as a PNG atomically (temporary file + rename)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   image = np.asarray(image)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  with fileio.atomic_path(path) as tmp:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
 
 
 class MetricsLog:
-  """Appends one JSON line per logged step to workdir/metrics.jsonl (host 0), for scripts."""
+  """Appends one JSON line per logged step to workdir/metrics.jsonl (host 0), for scripts.
 
-  def __init__(self, workdir: str):
+  Each line is one write() to a file opened for appending, so a kill can tear only the last
+  line. `resume_step` (the step a run starts or resumes from) first rewrites the file, atomically,
+  without the lines of later steps and without torn lines: the steps after the checkpoint are
+  logged again by the resumed run, and must not appear twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
+    if self.enabled and resume_step is not None:
+      truncate_metrics(self.path, resume_step)
 
   def write(self, step: int, metrics: dict[str, float]):
     if self.enabled:
+      line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
       with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
-                + "\n")
+        f.write(line)
+
+
+def truncate_metrics(path: str, step: int) -> int:
+  """Drops the lines of a metrics.jsonl after `step`, and torn or unreadable ones; rewrites the
+  file atomically if anything was dropped. Returns the number of lines dropped."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read()
+  except FileNotFoundError:
+    return 0
+  kept, dropped = [], 0
+  for line in text.splitlines(keepends=True):
+    try:
+      record = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+      record = None
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and \
+        record["step"] <= step:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    logger.info("metrics.jsonl: dropped %d lines after step %d (or torn)", dropped, step)
+    fileio.atomic_write_text(path, "".join(kept))
+  return dropped
