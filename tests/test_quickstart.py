@@ -4,11 +4,13 @@ import json
 import os
 
 import jax
+import pytest
 
 from ldm_jax import quickstart
 from ldm_jax.checkpoint import Checkpointer
 
 
+@pytest.mark.slow  # 3-4 min of CPU; tests/test_routes.py runs train -> sample in the default run
 def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
   kw = dict(ae_steps=3, ldm_steps=3, per_class=1, classifier_steps=5, train_digits=256,
             devices=jax.devices()[:1])  # as on a CPU machine: one device

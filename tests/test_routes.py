@@ -138,3 +138,22 @@ def test_inpainting_refuses_a_latent_cache_at_start_up(autoencoder, tmp_path):
   config = route_config(autoencoder, "inpaint", precompute_latents=True)
   with pytest.raises(ConfigError, match="first_stage.precompute_latents"):
     loop.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_start_up_checks_that_need_the_first_stage_name_the_field(autoencoder):
+  """rescaler_stages must reach the first stage's latent grid; adm has no zeros null label."""
+  from ldm_jax.first_stage import load_first_stage  # pylint: disable=g-import-not-at-top
+  from ldm_jax.ldm import LatentDiffusion  # pylint: disable=g-import-not-at-top
+  first = load_first_stage(autoencoder)   # f = 2: 16 px images, 8 px latents
+  config = route_config(autoencoder, "segmentation")
+  config.cond.rescaler_stages = 2
+  with pytest.raises(ConfigError, match=r"cond.rescaler_stages: 2 halvings take the 16px map to "
+                     r"4px, but the first stage's latents are 8px \(f=2\); set "
+                     r"cond.rescaler_stages=1"):
+    LatentDiffusion(config, first)
+  config = route_config(autoencoder, "adm")
+  config.cond.null = "zeros"
+  with pytest.raises(ConfigError, match=r"cond.null: 'zeros' has no null label"):
+    LatentDiffusion(config, first, num_classes=10)
+  with pytest.raises(ConfigError, match=r"cond.num_classes: cond.type='adm' needs class labels"):
+    LatentDiffusion(route_config(autoencoder, "adm"), first, num_classes=0)

@@ -44,7 +44,6 @@ def test_adaptive_weight_formula():
   assert float(losses.adaptive_weight(a, jnp.zeros((1, 2)), 1.0)) == pytest.approx(1e4)
 
 
-@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_train_step_gradients_equal_jax_grad_of_the_reference_loss():
   """The three-pass gradient assembly of the stage-1 step against plain jax.grad.
 

@@ -12,6 +12,7 @@ def _one_device(c):
   return jax.devices()[:1]
 
 
+@pytest.mark.slow  # 2 min of CPU: falling losses are in the default run via test_harness
 def test_tiny_kl_autoencoder_learns_digits_and_gan_starts_on_time(tmp_path):
   c = load_config("tiny_ae")
   c.data.image_size, c.data.resize_mode = 16, "stretch"   # 4x cheaper than 32 px on a CPU
