@@ -9,8 +9,12 @@ Any config field can be overridden with --config.<field>=<value>; see docs/confi
 A mistake (unknown field, wrong type, missing config file, inconsistent settings) stops with one
 line on stderr naming the field and the fix, exit status 2; --verbose (or LDM_JAX_VERBOSE=1)
 adds the traceback.
+
+SIGTERM (preemption) saves a checkpoint of the current step and exits with status 3 once it is
+complete (a repeated SIGTERM does not interrupt the save); rerun the same command to resume.
 """
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,16 +32,32 @@ flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
+EXIT_PREEMPTED = 3  # stopped by SIGTERM after saving; 2 is a user error, 1 a crash
+
+
+def _exit_preempted(signum, frame):
+  """SIGTERM outside the training loop (set-up, or closing after the final save): there is
+  nothing left to save, so stop at once with the preemption status."""
+  del signum, frame
+  raise SystemExit(EXIT_PREEMPTED)
+
 
 def main(argv):
   del argv  # cli.absl_flags_parser refuses positional arguments
   # pylint: disable=g-import-not-at-top
+  from ldm_jax.errors import Preempted
   from ldm_jax.parallel.mesh import maybe_initialize_distributed
   from ldm_jax.training.loop import train_and_evaluate
   cli.setup_logging()
+  # The training loop replaces this handler with one that saves first (loop._PreemptionFlag).
+  signal.signal(signal.SIGTERM, _exit_preempted)
   with cli.friendly_errors():
     maybe_initialize_distributed()
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+      train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Preempted as e:
+      sys.stderr.write(f"{cli.one_line(e)}\n")
+      sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import flax
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ldm_jax import fileio
 from ldm_jax.errors import CheckpointError  # noqa: F401  (re-exported)
@@ -50,12 +52,46 @@ def check_compatible(saved: dict[str, tuple], wanted: dict[str, tuple], where: s
     raise CheckpointError(f"{where} does not match this config: " + " | ".join(problems))
 
 
+# Orbax writes a step into '<step>.orbax-checkpoint-tmp...' and renames the folder to '<step>'
+# only once every host has finished it; a killed save leaves the temporary folder behind.
+TMP_MARK = ".orbax-checkpoint-tmp"
+# A step folder that cannot be read is renamed '<step>.damaged-<time>' (never deleted).
+DAMAGED_MARK = ".damaged-"
+
+
+class _Unreadable(CheckpointError):
+  """A step folder that exists but cannot be read (a truncated, missing or garbled file)."""
+
+  def __init__(self, message: str, problem: str):
+    super().__init__(message)
+    self.problem = problem  # the message without its advice: '<checkpoint> is unreadable (...)'
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops Orbax's logged tracebacks (a failed background save logs one from its thread): the
+  Checkpointer re-raises each failure as one CheckpointError line whose cause keeps the
+  traceback for --verbose."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and record.exc_info
+                and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_QUIET = _QuietOrbaxErrors()
+
+
 class Checkpointer:
-  """An Orbax CheckpointManager over `directory` with the project's error handling."""
+  """An Orbax CheckpointManager over `directory` with the project's error handling.
+
+  Opened for writing, it removes the temporary folders of interrupted saves (on process 0),
+  falls back past damaged steps on resume (restore_latest / readable_step), and turns a failed
+  background save into one CheckpointError at the next save, check() or wait().
+  """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"checkpoint folder '{self.directory}' does not exist")
     if read_only:
@@ -64,20 +100,75 @@ class Checkpointer:
     else:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save)
+      if jax.process_index() == 0:
+        self._remove_temporary_folders()
+    absl_logger = logging.getLogger("absl")
+    if _QUIET not in absl_logger.filters:
+      absl_logger.addFilter(_QUIET)
     # Named handlers let a fresh manager read what an earlier process wrote (metadata included).
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._pending: int | None = None  # the step of a background save not yet known complete
+
+  def _remove_temporary_folders(self):
+    """Removes what killed saves left: incomplete by definition, and in the way of a new save
+    of the same step."""
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if TMP_MARK in name:
+        path = os.path.join(self.directory, name)
+        logger.warning("removing '%s': the incomplete checkpoint of an interrupted save", path)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.remove(path)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
 
+  # -- saving ----------------------------------------------------------------------------------
   def save(self, step: int, state, meta: dict[str, Any], force: bool = False) -> bool:
+    """Starts saving `step` (in the background when async); a failure of the previous
+    background save is raised first, as a CheckpointError naming that step."""
+    self.wait()
     args = ocp.args.Composite(state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
                               meta=ocp.args.JsonSave(meta))
-    return self.manager.save(int(step), args=args, force=force)
+    try:
+      saved = self.manager.save(int(step), args=args, force=force)
+    except Exception as e:
+      raise self._save_error(int(step), e) from e
+    if saved:
+      self._pending = int(step)
+    return saved
+
+  def check(self):
+    """Raises the failure of a finished background save now; never waits for one running."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self):
+    """Waits for the background save; its failure becomes one CheckpointError line."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int | None, e: Exception) -> CheckpointError:
+    try:
+      self.manager.reload()
+      earlier = [s for s in self.all_steps() if step is None or s < step]
+    except Exception:  # pylint: disable=broad-except
+      earlier = []
+    last = f"step {earlier[-1]}" if earlier else "none"
+    return CheckpointError(
+        f"saving {self._where(step)} failed ({_cause(e)}); the last complete checkpoint is "
+        f"{last}. Free disk space (or raise the file size limit) in '{self.directory}' and run "
+        f"the same command again to resume")
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(int(step))
@@ -85,6 +176,7 @@ class Checkpointer:
   def _where(self, step):
     return f"checkpoint '{os.path.join(self.directory, str(step))}'"
 
+  # -- reading ---------------------------------------------------------------------------------
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
     if step is None:
@@ -93,8 +185,22 @@ class Checkpointer:
       return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
           "meta"]
     except Exception as e:
-      raise CheckpointError(f"{self._where(step)} has unreadable metadata "
-                            f"({type(e).__name__}: {_first_line(e)})") from e
+      problem = f"{self._where(step)} has unreadable metadata ({_cause(e)})"
+      raise _Unreadable(problem, problem) from e
+
+  def _state_tree(self, step: int):
+    """The saved state's tree of array metadata (shapes, dtypes), read without the arrays."""
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      tree = getattr(metadata, "tree", metadata)
+    except Exception as e:
+      problem = f"{self._where(step)} is unreadable ({_cause(e)})"
+      raise _Unreadable(f"{problem}; delete that folder to resume from an earlier step "
+                        f"{self._earlier(step)}", problem) from e
+    if tree is None:
+      problem = f"{self._where(step)} has no state metadata"
+      raise _Unreadable(f"{problem}; it is corrupt or was not written by ldm_jax", problem)
+    return tree
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores (state, meta) into the shardings of `abstract_state` (ShapeDtypeStructs)."""
@@ -102,26 +208,68 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f"no checkpoint in '{self.directory}'")
     target = flax.serialization.to_state_dict(abstract_state)
-    try:
-      metadata = self.manager.item_metadata(step)["state"]
-      saved_tree = getattr(metadata, "tree", metadata)
-    except Exception as e:
-      raise CheckpointError(f"{self._where(step)} is unreadable ({type(e).__name__}: "
-                            f"{_first_line(e)}); delete that folder to resume from an earlier "
-                            f"step {self._earlier(step)}") from e
-    if saved_tree is None:
-      raise CheckpointError(f"{self._where(step)} has no state metadata; it is corrupt or was "
-                            f"not written by ldm_jax")
+    saved_tree = self._state_tree(step)
     check_compatible(_flat_shapes(saved_tree), _flat_shapes(target), self._where(step))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:
-      raise CheckpointError(f"{self._where(step)} is corrupt or unreadable ({type(e).__name__}: "
-                            f"{_first_line(e)}); delete that folder to resume from an earlier "
-                            f"step {self._earlier(step)}") from e
+      problem = f"{self._where(step)} is corrupt or unreadable ({_cause(e)})"
+      raise _Unreadable(f"{problem}; delete that folder to resume from an earlier step "
+                        f"{self._earlier(step)}", problem) from e
     state = flax.serialization.from_state_dict(abstract_state, restored["state"])
     return state, restored["meta"]
+
+  def readable_step(self) -> int | None:
+    """The newest step whose metadata reads (None when there is no checkpoint); newer damaged
+    steps are moved aside with a warning. See _newest_readable."""
+    return self._newest_readable(lambda step: (self.read_meta(step), self._state_tree(step)))[0]
+
+  def restore_latest(self, abstract_state):
+    """(step, state, meta) of the newest step that restores completely, as restore(); newer
+    damaged steps are moved aside with a warning. None when there is no checkpoint."""
+    step, out = self._newest_readable(lambda s: self.restore(abstract_state, s))
+    return None if step is None else (step, *out)
+
+  def _newest_readable(self, read):
+    """Tries read(step) from the newest step down, past steps that cannot be read.
+
+    The damaged steps newer than the first readable one are renamed '<step>.damaged-<time>' (by
+    process 0; Orbax then no longer lists them), so the run continues from a complete step.
+    When no step reads, nothing is moved and one CheckpointError names the newest problem. A
+    checkpoint that reads but does not fit the model is not damage: its error is raised as is.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        out = read(step)
+      except _Unreadable as e:
+        damaged.append((step, e))
+        continue
+      if damaged:
+        self._move_aside(damaged, step)
+      return step, out
+    if not damaged:
+      return None, None
+    newest = damaged[0][1].problem
+    others = ([f"and so {'is' if len(damaged) == 2 else 'are'} every earlier step "
+               f"({', '.join(str(s) for s, _ in damaged[1:])})"] if len(damaged) > 1 else [])
+    raise CheckpointError(" ".join([newest] + others) + f"; no checkpoint in '{self.directory}' "
+                          f"is readable. Restore them from a backup, or move the folder aside "
+                          f"to start over")
+
+  def _move_aside(self, damaged, fallback: int):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step, error in damaged:
+      source = os.path.join(self.directory, str(step))
+      target = f"{source}{DAMAGED_MARK}{stamp}"
+      logger.warning("%s; moved it to '%s' and resuming from step %d", error.problem, target,
+                     fallback)
+      if jax.process_index() == 0 and os.path.isdir(source):
+        os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ldm_jax_checkpoint_moved_aside")
+    self.manager.reload()
 
   def saved_shapes(self, step: int | None = None) -> dict[str, tuple]:
     """'params/unet/...' -> shape of every array of a checkpoint, read from its metadata."""
@@ -155,17 +303,26 @@ class Checkpointer:
     earlier = [s for s in self.all_steps() if s < step]
     return f"(available: {earlier})" if earlier else "(there is none)"
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
 def _first_line(e: Exception) -> str:
   text = str(e).strip()
   return text.splitlines()[0][:300] if text else ""
+
+
+def _cause(e: BaseException) -> str:
+  """'Type: first line' of an error, or of the OS error inside it ('No space left on device')."""
+  seen, inner = set(), e
+  while inner is not None and id(inner) not in seen:
+    seen.add(id(inner))
+    if isinstance(inner, OSError) and inner.strerror:
+      where = f" ('{inner.filename}')" if inner.filename else ""
+      return f"{type(inner).__name__}: {inner.strerror}{where}"
+    inner = inner.__cause__ or inner.__context__
+  return f"{type(e).__name__}: {_first_line(e)}"
 
 
 # ---------------------------------------------------------------------------------------------

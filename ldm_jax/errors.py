@@ -43,6 +43,16 @@ class TrainingDiverged(LdmJaxError, FloatingPointError):
   saved."""
 
 
+class Preempted(LdmJaxError):
+  """SIGTERM (or a preemption notice) stopped training after saving the current step; rerunning
+  the same command resumes. train.py exits with status 3 for it, not the 2 of a user error."""
+
+  def __init__(self, message: str, step: int | None = None, history: list | None = None):
+    super().__init__(message)
+    self.step = step
+    self.history = history or []   # the metrics logged before the stop
+
+
 class WeightsNotFound(LdmJaxError, FileNotFoundError):
   """Pretrained weights (LPIPS, Inception, ...) are not installed where ldm_jax looks."""
 

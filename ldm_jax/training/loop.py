@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax import config as config_lib
@@ -19,13 +20,14 @@ from ldm_jax import fileio, locks
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
 from ldm_jax.data.sources import open_source
-from ldm_jax.errors import TrainingDiverged
+from ldm_jax.errors import CheckpointError, Preempted, TrainingDiverged
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding as sharding_lib
 from ldm_jax.training import reporting
 from ldm_jax.training.resume import check_resume_config
 from ldm_jax.training.stage1 import AutoencoderStage
 from ldm_jax.training.stage2 import LatentDiffusionStage
+from ldm_jax.training.stages import all_finite
 
 logger = logging.getLogger("ldm_jax")
 
@@ -38,7 +40,12 @@ CHECKPOINT_FORMAT = 2
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM (and SIGINT once); the loop then saves and stops cleanly."""
+  """Set by SIGTERM (and SIGINT once); the loop then saves and stops cleanly.
+
+  Installed before the first step and restored only once the final save is complete, so a
+  repeated SIGTERM (schedulers often send several) is logged and ignored rather than killing
+  the save; a second Ctrl-C still stops at once.
+  """
 
   def __init__(self):
     self.raised = False
@@ -51,6 +58,9 @@ class _PreemptionFlag:
     del frame
     if self.raised and signum == signal.SIGINT:  # a second Ctrl-C stops at once
       raise KeyboardInterrupt
+    if self.raised:
+      logger.warning("received signal %d again: already saving a checkpoint; ignored", signum)
+      return
     logger.warning("received signal %d: saving a checkpoint and stopping", signum)
     self.raised = True
 
@@ -75,16 +85,31 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([h[k] for h in history])) for k in keys}
 
 
+# Flags in a step's metrics (1.0 = fine): checked at every flush and before every save, never
+# logged. The loop adds 'state_finite' after every step (Trainer.finite_fn). It covers every
+# gradient too: a non-finite gradient reaches the optimizer state (Adam's moments) in its step.
+_FINITE_FLAGS = {"state_finite": "the updated parameters, optimizer state or EMA are not finite"}
+
+
 def _check_finite(step_metrics: list[tuple[int, dict]], last_saved: int | None, workdir: str):
+  """Raises TrainingDiverged at the first step whose metrics, gradients or updated state are
+  not finite; the loop calls it before saving, so a non-finite state is never saved."""
   for step, metrics in step_metrics:
-    for key, value in metrics.items():
-      if not math.isfinite(float(value)):
-        saved = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
-                 else "no checkpoint was written")
-        raise TrainingDiverged(
-            f"training diverged: {key} = {float(value)} at step {step}; {saved} in "
-            f"{workdir}/checkpoints and nothing later was saved. Lower train.lr, set "
-            f"train.grad_clip, or check the data")
+    problems = [f"{key} = {float(value)}" for key, value in metrics.items()
+                if key not in _FINITE_FLAGS and not math.isfinite(float(value))]
+    problems += [text for key, text in _FINITE_FLAGS.items()
+                 if key in metrics and not float(metrics[key]) == 1.0]
+    if problems:
+      saved = (f"the last good checkpoint is step {last_saved}" if last_saved is not None
+               else "no checkpoint was written")
+      raise TrainingDiverged(
+          f"training diverged: {problems[0]} at step {step}; {saved} in "
+          f"{workdir}/checkpoints and nothing later was saved. Lower train.lr, set "
+          f"train.grad_clip, or check the data")
+
+
+def _logged(metrics: dict) -> dict:
+  return {k: v for k, v in metrics.items() if k not in _FINITE_FLAGS}
 
 
 class Trainer:
@@ -114,11 +139,14 @@ class Trainer:
                                      keep=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpointing)
     facts = None
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      meta = self.checkpointer.read_meta(latest)
-      check_resume_config(meta.get("config"), config, f"{self.workdir}/checkpoints/{latest}")
+    # The newest step whose metadata reads: damaged newer ones are moved aside (with a warning).
+    self._resume_step = self.checkpointer.readable_step()
+    if self._resume_step is not None:
+      meta = self.checkpointer.read_meta(self._resume_step)
+      check_resume_config(meta.get("config"), config,
+                          f"{self.workdir}/checkpoints/{self._resume_step}")
       facts = meta.get("model")
+    self._resume_facts = facts
     self.stage = build_stage(config, self.mesh, self.workdir, facts)
     self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
     self.replicated = mesh_lib.replicated(self.mesh)
@@ -156,12 +184,22 @@ class Trainer:
     self.state_shardings = self._shardings(abstract_state)
     self.frozen_shardings = self._shardings(self.stage.frozen)
     self.frozen = jax.device_put(self.stage.frozen, self.frozen_shardings)
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      target = _with_shardings(abstract_state, self.state_shardings)
-      self.state, meta = self.checkpointer.restore(target, latest)
+    restored = None
+    if self.checkpointer.latest_step() is not None:
+      # The newest step whose arrays read too (one truncated file moves its step aside).
+      restored = self.checkpointer.restore_latest(_with_shardings(abstract_state,
+                                                                  self.state_shardings))
+    if restored is not None:
+      step, self.state, meta = restored
+      if step != self._resume_step:
+        where = f"{self.workdir}/checkpoints/{step}"
+        check_resume_config(meta.get("config"), c, where)
+        if meta.get("model") != self._resume_facts:
+          raise CheckpointError(f"checkpoint '{where}' (the newest readable one) records another "
+                                f"model than step {self._resume_step}, which was damaged and "
+                                f"moved aside; run the same command again to resume from it")
       self.pipeline.set_state(meta["data"])
-      logger.info("resumed from %s/checkpoints step %d", self.workdir, latest)
+      logger.info("resumed from %s/checkpoints step %d", self.workdir, step)
     else:
       init = jax.jit(self.stage.init, out_shardings=self.state_shardings)
       state = init(rng, to_global(first, self.batch_sharding))
@@ -182,6 +220,23 @@ class Trainer:
     self.eval_step = jax.jit(self.stage.eval_step, in_shardings=(st, bt, fr), out_shardings=rep)
     self.summary_fn = jax.jit(self.stage.summaries, in_shardings=(st, bt, fr),
                               out_shardings=rep)
+    # Whether every float of a state (params, optimizer state, EMA, model state) is finite: run
+    # after each step as its own small program, so the step's program (and its numbers) is as
+    # the stage wrote it.
+    self.finite_fn = jax.jit(all_finite, in_shardings=(st,), out_shardings=rep)
+    # Multi-host preemption agreement (see train()): one flag per device of all hosts.
+    every = jax.sharding.Mesh(np.array(jax.devices()), ("all",))
+    self._flag_sharding = jax.sharding.NamedSharding(every, jax.sharding.PartitionSpec("all"))
+    self._any_fn = jax.jit(lambda flags: jnp.max(flags) > 0, out_shardings=jax.sharding.
+                           NamedSharding(every, jax.sharding.PartitionSpec()))
+
+  def _agree(self, flag: bool) -> Any:
+    """Starts an all-reduce (max) of this host's flag over all hosts; `bool()` of the result
+    blocks until every host has contributed. Used to stop every host at the same step."""
+    local = np.full((jax.local_device_count(),), int(flag), np.int32)
+    global_flags = jax.make_array_from_process_local_data(
+        self._flag_sharding, local, (jax.device_count(),))
+    return self._any_fn(global_flags)
 
   # -- the loop --------------------------------------------------------------------------------
   def _meta(self) -> dict[str, Any]:
@@ -223,7 +278,11 @@ class Trainer:
 
   def train(self) -> list[dict[str, float]]:
     """Trains to config.train.num_steps (resuming if checkpoints exist); returns the logged
-    metrics, one dict per logged step (with its 'step')."""
+    metrics, one dict per logged step (with its 'step').
+
+    SIGTERM (or Orbax's preemption notice) saves the current step and raises Preempted (with the
+    metrics logged so far) once that save is complete; on several hosts, all stop at one step.
+    """
     c, t = self.config, self.config.train
     self.writer = reporting.create_writer(self.workdir)
     metrics_log = reporting.MetricsLog(self.workdir, resume_step=self.start_step)
@@ -233,26 +292,38 @@ class Trainer:
       reporting.log_parameter_overview(self.state.params, f"{self.stage.name} parameters")
       self.writer.write_hparams({k: v for k, v in _flat_config(c).items()})
     progress = reporting.Progress(t.num_steps, step, t.batch_size, self.writer)
-    preempt = _PreemptionFlag()
+    preempt = _PreemptionFlag()   # kept until the final save is complete (see finally)
+    multihost = jax.process_count() > 1
+    agreed = None                 # multi-host: the hosts' stop flags, all-reduced a step ago
     pending: list[tuple[int, Any]] = []   # per-step metrics still on device
     history: list[dict[str, float]] = []
+    stop = False
     logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
                 self.workdir)
     try:
       while step < t.num_steps:
         batch = to_global(next(self.pipeline), self.batch_sharding)
         self.state, metrics = self.train_step(self.state, batch, self.frozen)
+        metrics = dict(metrics, state_finite=self.finite_fn(self.state))
         step += 1
         pending.append((step, metrics))
-        stop = preempt.raised or self.checkpointer.reached_preemption(step)
+        if multihost:
+          # All hosts stop after the same step: a SIGTERM on any host is all-reduced every step,
+          # and read one step later so that waiting for it never stalls the devices.
+          stop = agreed is not None and bool(agreed)
+          agreed = self._agree(preempt.raised)
+        else:
+          stop = preempt.raised
+        stop = stop or self.checkpointer.reached_preemption(step)
         flush = step % t.log_every == 0 or step == t.num_steps or stop
         ckpt = step % t.ckpt_every == 0 or step == t.num_steps or stop
         if flush or ckpt:
           host = [(s, jax.device_get(m)) for s, m in pending]
           pending = []
-          _check_finite(host, self.last_saved, self.workdir)
+          _check_finite(host, self.last_saved, self.workdir)  # before any save of this state
+          self.checkpointer.check()   # a failed background save stops the run now
           if flush:
-            mean = _mean_metrics([m for _, m in host])
+            mean = _mean_metrics([_logged(m) for _, m in host])
             self.writer.write_scalars(step, mean)
             metrics_log.write(step, mean)
             history.append({"step": step, **mean})
@@ -265,13 +336,17 @@ class Trainer:
         if t.image_every and (step % t.image_every == 0 or step == t.num_steps):
           self.write_images(step, self._summary_batch(batch))
         if stop:
-          logger.warning("stopped at step %d after a preemption signal; checkpoint saved. Run "
-                         "the same command again to resume.", step)
           break
     finally:
-      preempt.restore()
-      self.checkpointer.wait()
-      self.writer.flush()
+      try:
+        self.checkpointer.wait()   # still under the SIGTERM handler: a repeated signal waits too
+      finally:
+        preempt.restore()
+        self.writer.flush()
+    if stop and step < t.num_steps:
+      raise Preempted(f"preempted: stopped at step {step} after a preemption signal and saved "
+                      f"checkpoint '{self.workdir}/checkpoints/{step}'; run the same command "
+                      f"again to resume", step=step, history=history)
     return history
 
   def _summary_batch(self, train_batch):

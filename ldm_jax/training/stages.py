@@ -94,6 +94,13 @@ def accumulate_gradients(grad_fn: Callable, params, model_state, batch, rng, k: 
   return scale(grads), model_state, scale(metrics)
 
 
+def all_finite(tree) -> jax.Array:
+  """1.0 when every floating-point element of `tree` is finite, else 0.0 (a float32 scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.float32(1.0)
+
+
 def apply_step(state, batch, *, grad_fn: Callable, tx, train_config,
                ema_of: Callable = lambda params: params, post_update: Callable | None = None,
                grad_norm_of: Callable = lambda grads: grads):

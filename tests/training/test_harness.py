@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from ldm_jax.checkpoint import Checkpointer, CheckpointError
 from ldm_jax.data.pipeline import InputPipeline
 from ldm_jax.data.sources import open_source
-from ldm_jax.errors import ConfigError
+from ldm_jax.errors import ConfigError, Preempted
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import loop as loop_lib
 from ldm_jax.training.loop import Trainer, TrainingDiverged, train_and_evaluate
@@ -138,7 +138,9 @@ def test_resume_after_preemption_reproduces_uninterrupted_losses_exactly(single,
   BatchNorm statistics, step and data position, and steps 3-6 repeat the uninterrupted run bit
   for bit (same device, same programs)."""
   monkeypatch.setattr(Checkpointer, "reached_preemption", lambda self, step: step == 2)
-  stopped = run(tmp_path)
+  with pytest.raises(Preempted, match=r"stopped at step 2 .* saved checkpoint") as info:
+    run(tmp_path)
+  stopped = info.value.history
   assert [h["step"] for h in stopped] == [1, 2]
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
   monkeypatch.undo()
