@@ -26,10 +26,11 @@ from tests.conftest import load_config
 # Sharded runs sum in a different order than one device does. Until the GAN starts, the float32
 # losses agree to ~1e-7 relative. The discriminator's first Adam updates are sign-like per
 # element (m / sqrt(v)), so elements whose gradient is ~0 move by a full step in a direction
-# set by rounding; after that the reconstruction losses agree to a few 1e-4 and the GAN terms
+# set by rounding; after that the reconstruction losses agree to a few 1e-3 (KL: 3.3e-3 at step
+# 6 when compiled without LLVM optimisations, as the suite does) and the GAN terms
 # (whose adaptive weight is a ratio of gradient norms) to about 1%.
 RTOL_NO_GAN = 1e-5
-RTOL_GAN = 2e-3
+RTOL_GAN = 5e-3
 RTOL_GAN_TERMS = 3e-2
 STEPS = 6
 
@@ -221,7 +222,6 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3]
 
 
-@pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_gradient_accumulation_matches_one_big_batch():
   """The mean gradient of two micro-batches of 8 equals the gradient of the batch of 16.
 
