@@ -206,3 +206,63 @@ def test_failed_save_is_one_line_and_the_previous_checkpoint_restores(tmp_path):
   assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
   assert checkpointer.read_meta(2)["format"] == 2
 
+
+WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from ldm_jax import cli, config as config_lib
+from ldm_jax.data import presets
+from ldm_jax.errors import Preempted
+from ldm_jax.training.loop import train_and_evaluate
+cli.setup_logging()
+c = config_lib.defaults("autoencoder")
+presets.use_packaged_mnist(c, image_size=16)
+c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=3, embed_dim=3)
+c.loss.lpips_weight = 0.0
+c.disc.update(base_channels=32, num_layers=2)
+c.train.update(batch_size=16, num_steps=100000, log_every=1, ckpt_every=100000, image_every=0,
+               scale_lr=False)
+c.data.update(eval_split="", resize_mode="stretch")
+c.mesh.update(data=-1, fsdp=2)
+try:
+  train_and_evaluate(c, sys.argv[3])
+except Preempted as e:
+  print("STOPPED", e.step, flush=True)
+  sys.exit(3)
+"""
+
+
+@pytest.mark.slow  # two processes compile and train on 2 x 4 CPU devices
+def test_sigterm_to_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, f"127.0.0.1:{port}", str(i),
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 500
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+          [p.communicate() for p in procs]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)   # the host that does not write the logs
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [3, 3], outs
+  steps = {int(out.split("STOPPED ")[1].split()[0]) for out, _ in outs}
+  assert len(steps) == 1, outs
+  step = steps.pop()
+  assert Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps() == [step]
