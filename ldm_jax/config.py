@@ -313,12 +313,13 @@ def _schema(stage: str) -> dict:
   return merged
 
 
-def _flatten(schema: dict, prefix: str = "") -> dict[str, Field]:
+def flatten_tree(schema: dict, prefix: str = "") -> dict:
+  """A nested dict (the schema, or a config as JSON) -> {dotted path: leaf}."""
   out = {}
   for key, value in schema.items():
     path = f"{prefix}{key}"
     if isinstance(value, dict):
-      out.update(_flatten(value, path + "."))
+      out.update(flatten_tree(value, path + "."))
     else:
       out[path] = value
   return out
@@ -326,7 +327,7 @@ def _flatten(schema: dict, prefix: str = "") -> dict[str, Field]:
 
 def fields(stage: str) -> dict[str, Field]:
   """Every field of a stage, flattened to dotted paths, with the stage's defaults applied."""
-  flat = _flatten(_schema(stage))
+  flat = flatten_tree(_schema(stage))
   for path, value in _STAGE_OVERRIDES.get(stage, {}).items():
     flat[path] = dataclasses.replace(flat[path], default=value)
   return flat
@@ -380,9 +381,9 @@ def to_markdown() -> str:
                   f"{field.doc.replace('|', chr(92) + '|')} |")
     return rows + [""]
 
-  lines += table("Both stages", _flatten(_COMMON))
+  lines += table("Both stages", flatten_tree(_COMMON))
   for stage, schema in _STAGE_SCHEMAS.items():
-    lines += table(f"Stage `{stage}`", _flatten(schema))
+    lines += table(f"Stage `{stage}`", flatten_tree(schema))
     overrides = _STAGE_OVERRIDES.get(stage, {})
     if overrides:
       lines += [f"Defaults of stage `{stage}` that differ from the table of both stages: " +

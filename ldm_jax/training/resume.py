@@ -11,6 +11,7 @@ import fnmatch
 import json
 import logging
 
+from ldm_jax.config import flatten_tree
 from ldm_jax.errors import ConfigError
 
 logger = logging.getLogger("ldm_jax")
@@ -34,17 +35,6 @@ RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_
 ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5}
 
 
-def _flat(tree, prefix="") -> dict:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(_flat(value, path + "."))
-    else:
-      out[path] = value
-  return out
-
-
 def is_architecture(path: str) -> bool:
   if path in RUNTIME_FIELDS:
     return False
@@ -53,9 +43,9 @@ def is_architecture(path: str) -> bool:
 
 def changed_fields(saved: dict, current) -> dict[str, tuple]:
   """{path: (saved value, current value)} of every field that differs (JSON-normalised)."""
-  now = _flat(json.loads(current.to_json_best_effort()) if hasattr(current, "to_json_best_effort")
+  now = flatten_tree(json.loads(current.to_json_best_effort()) if hasattr(current, "to_json_best_effort")
               else current)
-  then = _flat(saved)
+  then = flatten_tree(saved)
   out = {}
   for path in sorted(set(now) | set(then)):
     old = then.get(path, ADDED_FIELDS.get(path))
