@@ -27,7 +27,7 @@ from tests.conftest import load_config
 # losses agree to ~1e-7 relative. The discriminator's first Adam updates are sign-like per
 # element (m / sqrt(v)), so elements whose gradient is ~0 move by a full step in a direction
 # set by rounding; after that the reconstruction losses agree to a few 1e-3 (KL: 3.3e-3 at step
-# 6 when compiled without LLVM optimisations, as the suite does) and the GAN terms
+# 6 in one run) and the GAN terms
 # (whose adaptive weight is a ratio of gradient norms) to about 1%.
 RTOL_NO_GAN = 1e-5
 RTOL_GAN = 5e-3
