@@ -98,7 +98,16 @@ def generate_pair(pipeline, source, a: int, b: int):
                              jnp.zeros((2,), jnp.int32), batch))
 
 
-@pytest.mark.parametrize("route", list(ROUTES))
+# Two routes in the default run (cross-attention, and the spatial route whose alignment was
+# fixed); the others are compile-bound (~50 s each on 2 cores) and run with -m slow.
+DEFAULT_ROUTES = ("class", "segmentation")
+
+
+def _routes(names):
+  return [pytest.param(r, marks=() if r in DEFAULT_ROUTES else pytest.mark.slow) for r in names]
+
+
+@pytest.mark.parametrize("route", _routes(ROUTES))
 def test_route_trains_and_its_condition_changes_the_sample(autoencoder, captioned_digits,
                                                           route, tmp_path):
   history = loop.train_and_evaluate(route_config(autoencoder, route), str(tmp_path),
@@ -111,7 +120,7 @@ def test_route_trains_and_its_condition_changes_the_sample(autoencoder, captione
   assert np.abs(images[0] - images[1]).max() > 1e-4, f"{route}: the condition is ignored"
 
 
-@pytest.mark.parametrize("route", CACHEABLE)
+@pytest.mark.parametrize("route", _routes(CACHEABLE))
 def test_route_trains_from_a_latent_cache_holding_its_conditions(autoencoder, captioned_digits,
                                                                  route, tmp_path):
   config = route_config(autoencoder, route, precompute_latents=True)
