@@ -93,8 +93,6 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
   image_fn = image_example_fn(config.data, train)
   concat = concat_kind(c)
   size = config.data.image_size
-  if concat == "segmentation" and c.seg_classes <= 0:
-    raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
 
   def fn(example, rng):
     if "latent" in example:

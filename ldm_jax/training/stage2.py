@@ -60,10 +60,10 @@ class LatentDiffusionStage(Stage):
     if self.ldm is None:
       self.tokenizer = tokenizer_for(c.cond, self.workdir, lambda: (
           source[i].get("caption", "") for i in range(min(len(source), 200_000))))
-      recorded = self.facts.get("num_classes")
-      classes = recorded if recorded is not None else (c.cond.num_classes or source.num_classes)
-      if not conditions.needs_labels(c.cond):
-        classes = c.cond.num_classes or 0
+      classes = self.facts.get("num_classes")   # what a resumed checkpoint recorded
+      if classes is None:
+        labelled = conditions.needs_labels(c.cond)
+        classes = c.cond.num_classes or (source.num_classes if labelled else 0)
       self.ldm = LatentDiffusion(c, self.first, num_classes=classes, tokenizer=self.tokenizer)
     if not c.first_stage.precompute_latents:
       return source
