@@ -63,3 +63,29 @@ def cifar_folder(tmp_path_factory):
       counts[cls] = counts.get(cls, 0) + 1
       tar.extract(member, out, filter="data")
   return out
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory):
+  """A random tiny KL autoencoder (16px images, f = 2) exported for stage 2."""
+  from tests.helpers import export_random_autoencoder  # pylint: disable=g-import-not-at-top
+  return export_random_autoencoder(tmp_path_factory.mktemp("ae") / "export", "kl",
+                                   image_size=16, ch_mult=(1, 2))
+
+
+@pytest.fixture(scope="session")
+def class_ldm(tiny_autoencoder, tmp_path_factory):
+  """The tiny class-conditional LDM trained 3 steps on digits: (history, workdir). Shared by
+  the route, sampling and stage-2 tests; read it, never write into it."""
+  from tests.helpers import tiny_ldm_config, train_on_digits  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("class_ldm")
+  return train_on_digits(tiny_ldm_config(tiny_autoencoder), workdir), str(workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_six_steps(tmp_path_factory):
+  """The training harness's tiny autoencoder, six steps on one device (checkpoints 3 and 6):
+  (history, workdir). Shared by the harness and fault tests; copy it before writing into it."""
+  from tests.training.test_harness import run  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("tiny_ae_six")
+  return run(workdir), workdir

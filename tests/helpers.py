@@ -1,9 +1,12 @@
-"""Builders shared by tests: tiny first stages as inference exports (no training needed), a
-captioned digits tfds dataset."""
+"""Builders shared by tests: tiny first stages as inference exports (no training needed), the
+one tiny LDM every stage-2 and sampling test trains (so its programs compile once per suite),
+real digits with captions and segmentation maps, a captioned digits tfds dataset."""
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from ldm_jax.checkpoint import save_inference
 from ldm_jax.first_stage import abstract_variables
@@ -33,6 +36,64 @@ def export_random_autoencoder(directory, kind="kl", image_size=32, ch_mult=(1, 2
 
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# The conditioning routes of stage 2, as cond.* fields.
+ROUTES = {
+    "class": {"type": "class"},
+    "adm": {"type": "adm"},
+    "text": {"type": "text"},
+    "lowres": {"type": "concat", "concat": "lowres"},
+    "inpaint": {"type": "concat", "concat": "inpaint"},
+    "segmentation": {"type": "concat", "concat": "segmentation"},
+    "hybrid": {"type": "hybrid", "concat": "lowres", "context": "class"},
+}
+DIGITS = 32   # training digits of digit_source
+
+
+def digit_source():
+  """32 real MNIST digits with a caption each and a segmentation map (0 = background,
+  1 + digit = the digit's strokes). Captions and maps are made here: the real caption and map
+  data come with later work."""
+  from ldm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
+  images, labels = digits.images[:DIGITS], digits.labels[:DIGITS]
+  captions = [f"a handwritten {NUMBER_WORDS[d]}" for d in labels]
+  maps = np.where(images[..., 0] > 127, labels[:, None, None] + 1, 0).astype(np.int32)
+  return sources.ArraySource(images, labels, captions, num_classes=10,
+                             description="captioned digits", segmentations=list(maps))
+
+
+def tiny_ldm_config(autoencoder, route="class", **overrides):
+  """The suite's one tiny LDM (32 channels, one level, 8x8 latents of a 16px f=2 autoencoder)
+  on route `route`, 3 steps of batch 8 on one device. overrides: section__field=value."""
+  c = load_config("tiny_ldm", "class")
+  c.first_stage.checkpoint = autoencoder
+  c.data.image_size, c.data.resize_mode, c.data.eval_split = 16, "stretch", ""
+  c.data.random_flip = True
+  c.unet.model_channels, c.unet.channel_mult, c.unet.attention_resolutions = 32, (1,), (1,)
+  c.unet.num_head_channels, c.cond.embed_dim = 16, 16
+  # FiLM: with one channel per GroupNorm group an added time/label embedding is normalised away.
+  c.unet.use_scale_shift_norm = True
+  c.cond.update(ROUTES[route])
+  c.cond.seg_classes, c.cond.rescaler_stages = 11, 1
+  c.diffusion.scale_by_std = False
+  c.train.num_steps, c.train.batch_size, c.train.ckpt_every, c.train.log_every = 3, 8, 3, 1
+  c.train.lr, c.train.ema_decay = 1e-2, 0.0   # 3 steps: raw weights show the condition best
+  c.mesh.fsdp = 1
+  c.sample.steps, c.sample.guidance_scale = 2, 3.0
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def train_on_digits(config, workdir, devices=None):
+  """train_and_evaluate on digit_source() (one device unless `devices`): the history."""
+  from ldm_jax.training import loop  # pylint: disable=g-import-not-at-top
+  source = digit_source()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, "open_source", lambda data_config, split: source)
+    return loop.train_and_evaluate(config, str(workdir), devices=devices or jax.devices()[:1])
 
 
 CAPTIONED_DIGITS = 64   # examples in the train split (then 16 in test)

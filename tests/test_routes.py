@@ -2,50 +2,28 @@
 through the path sample.py uses, with the condition changing the sample; routes that can train
 from a latent cache do, and the one that cannot is refused at start-up.
 
-Captions and segmentation maps for the digits are made here (the real caption/map data come
-with later work): a caption names the digit, the map is the digit's binarised shape labelled
-with its class. One tiny model (32 channels, one level, 8x8 latents) keeps compiling cheap.
+The data are tests.helpers.digit_source(): real digits, a caption naming each, and a map of the
+digit's binarised shape labelled with its class. The model is the suite's one tiny LDM
+(tests.helpers.tiny_ldm_config); the class route reuses the session's trained `class_ldm`.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.data import conditions, sources
+from ldm_jax.data import conditions
 from ldm_jax.errors import ConfigError
 from ldm_jax.inference import load_pipeline
 from ldm_jax.training import loop
-from tests.conftest import load_config
-from tests.helpers import NUMBER_WORDS, export_random_autoencoder
+from tests.helpers import DIGITS, ROUTES, digit_source, tiny_ldm_config
 
-ROUTES = {
-    "class": {"type": "class"},
-    "adm": {"type": "adm"},
-    "text": {"type": "text"},
-    "lowres": {"type": "concat", "concat": "lowres"},
-    "inpaint": {"type": "concat", "concat": "inpaint"},
-    "segmentation": {"type": "concat", "concat": "segmentation"},
-    "hybrid": {"type": "hybrid", "concat": "lowres", "context": "class"},
-}
 CACHEABLE = ("lowres", "segmentation")   # label/caption caches: tests/training/test_stage2.py
-N = 32   # training digits
+N = DIGITS
 
 
-def digit_source():
-  """32 real MNIST digits with a caption each and a segmentation map (0 = background,
-  1 + digit = the digit's strokes)."""
-  digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
-  images, labels = digits.images[:N], digits.labels[:N]
-  captions = [f"a handwritten {NUMBER_WORDS[d]}" for d in labels]
-  maps = np.where(images[..., 0] > 127, labels[:, None, None] + 1, 0).astype(np.int32)
-  return sources.ArraySource(images, labels, captions, num_classes=10,
-                             description="captioned digits", segmentations=list(maps))
-
-
-@pytest.fixture(scope="module")
-def autoencoder(tmp_path_factory):
-  return export_random_autoencoder(tmp_path_factory.mktemp("ae") / "export", "kl",
-                                   image_size=16, ch_mult=(1, 2))
+@pytest.fixture
+def autoencoder(tiny_autoencoder):
+  return tiny_autoencoder
 
 
 @pytest.fixture(autouse=True)
@@ -56,23 +34,8 @@ def captioned_digits(monkeypatch):
 
 
 def route_config(autoencoder, route, **first_stage):
-  c = load_config("tiny_ldm", "class")
-  c.first_stage.checkpoint = autoencoder
-  c.first_stage.update(first_stage)
-  c.data.image_size, c.data.resize_mode, c.data.eval_split = 16, "stretch", ""
-  c.data.random_flip = True
-  c.unet.model_channels, c.unet.channel_mult, c.unet.attention_resolutions = 32, (1,), (1,)
-  c.unet.num_head_channels, c.cond.embed_dim = 16, 16
-  # FiLM: with one channel per GroupNorm group an added time/label embedding is normalised away.
-  c.unet.use_scale_shift_norm = True
-  c.cond.update(ROUTES[route])
-  c.cond.seg_classes, c.cond.rescaler_stages = 11, 1
-  c.diffusion.scale_by_std = False
-  c.train.num_steps, c.train.batch_size, c.train.ckpt_every, c.train.log_every = 3, 8, 3, 1
-  c.train.lr, c.train.ema_decay = 1e-2, 0.0   # 3 steps: raw weights show the condition best
-  c.mesh.fsdp = 1
-  c.sample.steps, c.sample.guidance_scale = 2, 3.0
-  return c
+  return tiny_ldm_config(autoencoder, route,
+                         **{f"first_stage__{k}": v for k, v in first_stage.items()})
 
 
 def generate_pair(pipeline, source, a: int, b: int):
@@ -109,11 +72,15 @@ def _routes(names):
 
 @pytest.mark.parametrize("route", _routes(ROUTES))
 def test_route_trains_and_its_condition_changes_the_sample(autoencoder, captioned_digits,
-                                                          route, tmp_path):
-  history = loop.train_and_evaluate(route_config(autoencoder, route), str(tmp_path),
-                                    devices=jax.devices()[:1])
+                                                          route, tmp_path, request):
+  if route == "class":   # the session's shared run of this very config
+    history, workdir = request.getfixturevalue("class_ldm")
+  else:
+    workdir = str(tmp_path)
+    history = loop.train_and_evaluate(route_config(autoencoder, route), workdir,
+                                      devices=jax.devices()[:1])
   assert len(history) == 3 and np.all(np.isfinite([h["loss"] for h in history]))
-  pipeline = load_pipeline(str(tmp_path))
+  pipeline = load_pipeline(workdir)
   # Examples 0 and 1 are a 7 and a 2: different labels, captions, images and maps.
   images = generate_pair(pipeline, captioned_digits, 0, 1)
   assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))

@@ -17,7 +17,6 @@ from ldm_jax.checkpoint import CheckpointError
 from ldm_jax.inference import Pipeline, export_pipeline, load_pipeline, tiled_decode
 from ldm_jax.first_stage import load_first_stage
 from ldm_jax.ldm import LatentDiffusion
-from ldm_jax.training.loop import train_and_evaluate
 from tests.conftest import load_config
 from tests.helpers import export_random_autoencoder
 
@@ -30,17 +29,9 @@ def run(pipeline, job, out, mesh=ONE_DEVICE):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A tiny class-conditional LDM trained for two steps (checkpoint in a workdir)."""
-  base = tmp_path_factory.mktemp("ldm")
-  ae = export_random_autoencoder(base / "ae", "kl", image_size=16, ch_mult=(1, 2))
-  c = load_config("tiny_ldm", "class")
-  c.first_stage.checkpoint = ae
-  c.data.image_size, c.data.resize_mode, c.data.eval_split = 16, "stretch", ""
-  c.train.num_steps, c.train.ckpt_every, c.mesh.fsdp = 2, 2, 1
-  c.sample.steps = 4
-  train_and_evaluate(c, str(base / "run"), devices=jax.devices()[:1])
-  return str(base / "run")
+def trained(class_ldm):
+  """The session's tiny class-conditional LDM (3 steps; checkpoint in a workdir)."""
+  return class_ldm[1]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +131,7 @@ def test_workdirs_from_before_checkpoints_recorded_the_model_still_load(pipeline
   the same model; the recorded facts of a current one are what it reads otherwise."""
   old = tmp_path / "old"
   shutil.copytree(trained, old)
-  meta_file = old / "checkpoints" / "2" / "meta" / "metadata"
+  meta_file = old / "checkpoints" / "3" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
   assert meta["format"] == 2 and meta["model"]["num_classes"] == 10
   assert meta["model"]["first_stage"]["path"] == pipeline.ldm.first.identity["path"]

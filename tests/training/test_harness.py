@@ -80,22 +80,19 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-  """The same six steps on one device."""
-  return run(tmp_path_factory.mktemp("single"))
-
-
-@pytest.fixture(scope="module")
-def three_steps(tmp_path_factory):
-  """A workdir with the checkpoint of the first three single-device steps."""
-  workdir = tmp_path_factory.mktemp("three")
-  return run(workdir, train__num_steps=3), workdir
+def single(tiny_ae_six_steps):
+  """The same six steps on one device (the session's run; checkpoints 3 and 6)."""
+  return tiny_ae_six_steps[0]
 
 
 @pytest.fixture
-def copy_of_three_steps(three_steps, tmp_path):
-  shutil.copytree(three_steps[1], tmp_path / "run")
-  return three_steps[0], tmp_path / "run"
+def copy_of_three_steps(tiny_ae_six_steps, tmp_path):
+  """A workdir holding the checkpoint of the first three single-device steps: a copy of the
+  six-step run without its step-6 checkpoint."""
+  history, six = tiny_ae_six_steps
+  shutil.copytree(six, tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
+  return history[:3], tmp_path / "run"
 
 
 def test_losses_fall_and_metrics_are_logged(uninterrupted):
@@ -228,14 +225,15 @@ def test_gradient_accumulation_matches_one_big_batch():
   On the VQ model before disc_start the loss is a deterministic mean over examples (no
   posterior noise, no per-micro-batch adaptive weight), so the two must agree.
   """
-  config = small_config(model__type="vq", loss__disc_start=100)
-  mesh = mesh_lib.create_mesh(config.mesh)
+  config = small_config(model__type="vq", loss__disc_start=100, model__ch_mult=(1,),
+                        disc__num_layers=1, **ONE_DEVICE)   # one level: cheap to compile
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
   stage = AutoencoderStage(config, mesh)
   pipe = InputPipeline(open_source(config.data, config.data.split),
                        stage.example_fn(train=True), global_batch=16, seed=0)
   batch = jax.device_put(next(pipe), mesh_lib.batch_sharding(mesh))
   pipe.close()
-  state = stage.init(jax.random.PRNGKey(0), batch)
+  state = jax.jit(stage.init)(jax.random.PRNGKey(0), batch)
 
   def grads(k):
     fn = lambda p, ms, b, r: stage._grads(p, ms, b, r, jnp.int32(5), stage.frozen)  # noqa

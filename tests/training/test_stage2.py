@@ -16,50 +16,38 @@ from ldm_jax.data.preprocess import image_example_fn
 from ldm_jax.data.sources import DataError
 from ldm_jax.errors import ConfigError
 from ldm_jax.training.loop import Trainer, train_and_evaluate
-from tests.conftest import load_config
-from tests.helpers import captioned_digits_tfds, export_random_autoencoder
+from tests.helpers import captioned_digits_tfds, tiny_ldm_config, train_on_digits
 
 
-@pytest.fixture(scope="module")
-def autoencoder(tmp_path_factory):
-  """A random tiny KL autoencoder (f = 2) exported for stage 2."""
-  return export_random_autoencoder(tmp_path_factory.mktemp("ae") / "export", "kl",
-                                   image_size=16, ch_mult=(1, 2))
+@pytest.fixture
+def autoencoder(tiny_autoencoder):
+  return tiny_autoencoder
 
 
 def ldm_config(autoencoder, variant="class", **overrides):
-  c = load_config("tiny_ldm", variant)
-  c.first_stage.checkpoint = autoencoder
-  c.data.image_size, c.data.resize_mode = 16, "stretch"
-  c.data.eval_split = ""
-  c.train.num_steps = 4
-  c.train.log_every = 1
-  c.train.ckpt_every = 2
-  c.mesh.fsdp = 2
-  c.mesh.min_shard_size = 0
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
+  """The suite's tiny LDM (tests.helpers.tiny_ldm_config) on the packaged digits: 4 steps,
+  checkpoints every 2."""
+  return tiny_ldm_config(autoencoder, variant,
+                         **{"train__num_steps": 4, "train__ckpt_every": 2, **overrides})
 
 
 def losses(history):
   return np.array([h["loss"] for h in history])
 
 
-def test_sharded_steps_equal_single_device_steps(autoencoder, tmp_path):
-  # A (data 2, fsdp 2) mesh: both axes, half the devices' compile and run time of all 8.
-  sharded = train_and_evaluate(ldm_config(autoencoder), str(tmp_path / "sharded"),
-                               devices=jax.devices()[:4])
-  single = train_and_evaluate(ldm_config(autoencoder, mesh__fsdp=1), str(tmp_path / "single"),
-                              devices=jax.devices()[:1])
+def test_sharded_steps_equal_single_device_steps(tiny_autoencoder, class_ldm, tmp_path):
+  """The session's one-device run against the same 3 steps on a (data 2, fsdp 2) mesh: both
+  axes, every kernel that divides sharded, half the devices' compile and run time of all 8."""
+  single, _ = class_ldm
+  config = tiny_ldm_config(tiny_autoencoder, mesh__fsdp=2, mesh__min_shard_size=0)
+  sharded = train_on_digits(config, tmp_path / "sharded", devices=jax.devices()[:4])
   assert losses(sharded)[-1] < losses(sharded)[0]
   np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
 
 
 def test_frozen_autoencoder_is_bit_identical_and_not_checkpointed(autoencoder, tmp_path):
   before, _, _ = load_inference(autoencoder)
-  trainer = Trainer(ldm_config(autoencoder, mesh__fsdp=1), str(tmp_path),
+  trainer = Trainer(ldm_config(autoencoder), str(tmp_path),
                     devices=jax.devices()[:1])
   try:
     trainer.train()
@@ -78,7 +66,7 @@ def test_frozen_autoencoder_is_bit_identical_and_not_checkpointed(autoencoder, t
 
 def test_scale_by_std_survives_resume_and_config_changes_are_checked(autoencoder, tmp_path,
                                                                      caplog):
-  config = ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=2)
+  config = ldm_config(autoencoder, diffusion__scale_by_std=True, train__num_steps=2)
   trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:1])
   try:
     stage, first = trainer.stage, trainer.stage.first
@@ -96,26 +84,27 @@ def test_scale_by_std_survives_resume_and_config_changes_are_checked(autoencoder
   # A changed learning rate resumes with a warning naming it...
   logging.getLogger("ldm_jax").addHandler(caplog.handler)   # whether or not it propagates
   try:
-    resumed = Trainer(ldm_config(autoencoder, mesh__fsdp=1, train__num_steps=4, train__lr=5e-4),
+    resumed = Trainer(ldm_config(autoencoder, diffusion__scale_by_std=True, train__lr=5e-4),
                       str(tmp_path), devices=jax.devices()[:1])
   finally:
     logging.getLogger("ldm_jax").removeHandler(caplog.handler)
   try:
     assert int(resumed.state.step) == 2
     assert float(resumed.state.model_state["scale_factor"]) == scale
-    assert "train.lr 0.001 -> 0.0005" in caplog.text
+    assert "train.lr 0.01 -> 0.0005" in caplog.text
   finally:
     resumed.close()
   # ...a changed architecture stops with one line naming the field.
-  with pytest.raises(ConfigError, match=r"^unet.channel_mult \[1, 2\] -> \[1, 1\]: the "
+  with pytest.raises(ConfigError, match=r"^unet.channel_mult \[1\] -> \[1, 1\]: the "
                      r"checkpoint in .* cannot resume as a different model"):
-    Trainer(ldm_config(autoencoder, mesh__fsdp=1, unet__channel_mult=(1, 1)), str(tmp_path),
+    Trainer(ldm_config(autoencoder, diffusion__scale_by_std=True, unet__channel_mult=(1, 1)),
+            str(tmp_path),
             devices=jax.devices()[:1])
 
 
 @pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_path):
-  config = ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+  config = ldm_config(autoencoder, first_stage__precompute_latents=True,
                       data__split="t10k[:40]", train__num_steps=2)
   history = train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert np.all(np.isfinite(losses(history)))
@@ -135,12 +124,12 @@ def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_pat
   finally:
     trainer.close()
   mtime = os.path.getmtime(cache / "latents.npy")
-  train_and_evaluate(ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+  train_and_evaluate(ldm_config(autoencoder, first_stage__precompute_latents=True,
                                 data__split="t10k[:40]", train__num_steps=3),
                      str(tmp_path), devices=jax.devices()[:1])
   assert os.path.getmtime(cache / "latents.npy") == mtime  # reused, not re-encoded
   with pytest.raises(DataError, match="was built from"):
-    Trainer(ldm_config(autoencoder, mesh__fsdp=1, first_stage__precompute_latents=True,
+    Trainer(ldm_config(autoencoder, first_stage__precompute_latents=True,
                        data__split="t10k[:50]"), str(tmp_path), devices=jax.devices()[:1])
 
 
