@@ -304,8 +304,17 @@ class Checkpointer:
     return f"(available: {earlier})" if earlier else "(there is none)"
 
   def close(self):
-    self.wait()
-    self.manager.close()
+    """Waits for the background save, then stops Orbax's worker threads, also when that save
+    failed (left running, they print tracebacks at interpreter exit under the error line). A
+    failure already raised by save/check/wait is not raised again."""
+    try:
+      if self._pending is not None:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logger.debug("closing the checkpoint manager of '%s': %s", self.directory, e)
 
 
 def _first_line(e: Exception) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.checkpoint import save_inference
+from ldm_jax.compilation import run_once_options
 from ldm_jax.first_stage import abstract_variables
 from ldm_jax.models.build import build_autoencoder
 from tests.conftest import load_config
@@ -26,8 +27,8 @@ def export_random_autoencoder(directory, kind="kl", image_size=32, ch_mult=(1, 2
   config = tiny_autoencoder_config(kind, image_size, ch_mult)
   module = build_autoencoder(config.model, image_size=image_size, channels=config.data.channels)
   x = jnp.zeros((1, image_size, image_size, config.data.channels))
-  variables = module.init({"params": jax.random.PRNGKey(seed), "sample": jax.random.PRNGKey(0)},
-                          x)
+  init = jax.jit(module.init, compiler_options=run_once_options())
+  variables = init({"params": jax.random.PRNGKey(seed), "sample": jax.random.PRNGKey(0)}, x)
   assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
       abstract_variables(module, config))
   save_inference(str(directory), {"autoencoder": variables}, config=config,

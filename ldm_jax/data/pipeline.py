@@ -1,4 +1,5 @@
-"""The input pipeline: seeded, host-sharded, prefetched, resumable batches of a random-access source.
+"""The input pipeline: seeded, host-sharded, prefetched, resumable batches of a random-access
+source.
 
 Examples form one endless stream of global positions 0, 1, 2, ...; position p is example
 `perm_e[p mod N]` of epoch e = p // N, where perm_e is a permutation seeded by (seed, e).

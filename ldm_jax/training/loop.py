@@ -18,6 +18,7 @@ import numpy as np
 from ldm_jax import config as config_lib
 from ldm_jax import fileio, locks
 from ldm_jax.checkpoint import Checkpointer
+from ldm_jax.compilation import run_once_options
 from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
 from ldm_jax.data.sources import open_source
 from ldm_jax.errors import CheckpointError, Preempted, TrainingDiverged
@@ -201,7 +202,8 @@ class Trainer:
       self.pipeline.set_state(meta["data"])
       logger.info("resumed from %s/checkpoints step %d", self.workdir, step)
     else:
-      init = jax.jit(self.stage.init, out_shardings=self.state_shardings)
+      init = jax.jit(self.stage.init, out_shardings=self.state_shardings,
+                     compiler_options=run_once_options())
       state = init(rng, to_global(first, self.batch_sharding))
       prepare = jax.jit(self.stage.prepare, out_shardings=self.state_shardings)
       self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)

@@ -43,8 +43,9 @@ def is_architecture(path: str) -> bool:
 
 def changed_fields(saved: dict, current) -> dict[str, tuple]:
   """{path: (saved value, current value)} of every field that differs (JSON-normalised)."""
-  now = flatten_tree(json.loads(current.to_json_best_effort()) if hasattr(current, "to_json_best_effort")
-              else current)
+  if hasattr(current, "to_json_best_effort"):
+    current = json.loads(current.to_json_best_effort())
+  now = flatten_tree(current)
   then = flatten_tree(saved)
   out = {}
   for path in sorted(set(now) | set(then)):

@@ -8,6 +8,7 @@ import pytest
 
 from ldm_jax.models.attention import AttentionBlock, CrossAttention, SpatialTransformer
 from ldm_jax.models.unet import ResBlock, UNet
+from ldm_jax.compilation import run_once_options
 
 KEY = jax.random.PRNGKey(0)
 
@@ -63,13 +64,14 @@ def test_zero_initialised_blocks_are_identities():
                                                   (x, emb)),
                       (AttentionBlock(2), (x,)),
                       (SpatialTransformer(2, 16), (x, jnp.ones((2, 5, 24))))):
-    variables = jax.jit(block.init)(KEY, *args)
+    variables = jax.jit(block.init, compiler_options=run_once_options())(KEY, *args)
     np.testing.assert_array_equal(jax.jit(block.apply)(variables, *args), x)
   # The UNet's output convolution starts at zero, so the whole model starts at 0. Only that
   # layer's initialisation is computed (the rest of init is dead code to XLA).
   model = _tiny(use_spatial_transformer=True)
   args = (jax.random.normal(KEY, (2, 8, 8, 3)), jnp.array([1, 2]), jnp.ones((2, 1, 32)))
-  out_conv = jax.jit(lambda: model.init(KEY, *args)["params"]["out_conv"])()
+  out_conv = jax.jit(lambda: model.init(KEY, *args)["params"]["out_conv"],
+                     compiler_options=run_once_options())()
   assert set(out_conv) == {"kernel", "bias"}
   for leaf in out_conv.values():
     np.testing.assert_array_equal(leaf, 0.0)

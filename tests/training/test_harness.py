@@ -21,6 +21,7 @@ from ldm_jax.training import loop as loop_lib
 from ldm_jax.training.loop import Trainer, TrainingDiverged, train_and_evaluate
 from ldm_jax.training.stage1 import AutoencoderStage
 from ldm_jax.training.stages import accumulate_gradients
+from ldm_jax.compilation import run_once_options
 from tests.conftest import load_config
 
 # Sharded runs sum in a different order than one device does. Until the GAN starts, the float32
@@ -233,7 +234,8 @@ def test_gradient_accumulation_matches_one_big_batch():
                        stage.example_fn(train=True), global_batch=16, seed=0)
   batch = jax.device_put(next(pipe), mesh_lib.batch_sharding(mesh))
   pipe.close()
-  state = jax.jit(stage.init)(jax.random.PRNGKey(0), batch)
+  state = jax.jit(stage.init, compiler_options=run_once_options())(jax.random.PRNGKey(0),
+                                                                       batch)
 
   def grads(k):
     fn = lambda p, ms, b, r: stage._grads(p, ms, b, r, jnp.int32(5), stage.frozen)  # noqa
