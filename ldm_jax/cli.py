@@ -11,10 +11,13 @@ import argparse
 import contextlib
 import difflib
 import importlib.util
+import logging
 import os
 import re
 import sys
+import threading
 import traceback
+import warnings
 from typing import NoReturn
 
 from ldm_jax.errors import USER_ERRORS
@@ -55,11 +58,33 @@ def fail(message) -> NoReturn:
 
 @contextlib.contextmanager
 def friendly_errors():
-  """The body's user errors (ldm_jax.errors, a missing file) become one line and exit 2."""
+  """The body's user errors (ldm_jax.errors, a missing file) become one line and exit 2.
+
+  From here on, errors that libraries' worker threads report as unraisable (after a failed save,
+  each of Orbax's pending writes finds its event loop closed) go to the debug log instead of
+  stderr, and asyncio's reports of the failed tasks are dropped, so the error line stays the
+  only one; --verbose prints them all. (asyncio runs only inside Orbax in these programs.)"""
+  sys.unraisablehook = _quiet_off_main_thread(sys.unraisablehook)
+  threading.excepthook = _quiet_off_main_thread(threading.excepthook)
+  if not verbose():   # ...and the tasks and coroutines those writes leave behind
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   try:
     yield
   except KNOWN_ERRORS as e:
     fail(e)
+
+
+def _quiet_off_main_thread(previous):
+  """A sys.unraisablehook / threading.excepthook (both take one info object) that logs errors
+  of threads other than the main one at debug level, and leaves the main thread's to `previous`."""
+  def hook(arg):
+    if threading.current_thread() is threading.main_thread() or verbose():
+      return previous(arg)
+    logging.getLogger("ldm_jax").debug("error in a background thread: %s: %s",
+                                       getattr(arg.exc_type, "__name__", arg.exc_type),
+                                       arg.exc_value)
+  return hook
 
 
 class ArgumentParser(argparse.ArgumentParser):
