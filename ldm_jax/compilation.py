@@ -5,8 +5,9 @@ Random initialisation is hundreds of small elementwise kernels (threefry, the no
 truncated-normal transforms) that XLA's CPU backend spends most of its compile time optimising:
 initialising the tests' tiny autoencoder compiles in 15.8 s with the default pipeline and in
 5.2 s without it, for a program that runs once. The values equal the optimised program's to
-float rounding (a few ulp in the initialisers' scaling); every path that initialises a model
-compiles this way, so runs stay reproducible. On GPU and TPU nothing changes.
+float rounding (a few ulp in the initialisers' scaling); the training loop always initialises
+this way, so a run's initial weights are the same from run to run. On GPU and TPU nothing
+changes.
 """
 from __future__ import annotations
 
