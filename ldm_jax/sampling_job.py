@@ -99,11 +99,6 @@ def _png_path(out: str, i: int) -> str:
   return os.path.join(out, "images", f"{i:06d}.png")
 
 
-def _write_png_atomic(path: str, image: np.ndarray):
-  with fileio.atomic_path(path) as tmp:
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-
-
 def _check_job(out: str, spec: dict):
   path = os.path.join(out, "job.json")
   if os.path.exists(path):
@@ -159,7 +154,7 @@ def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
     if jax.process_index() == 0:
       for j, i in enumerate(range(start, min(start + batch, job.num_samples))):
         if i not in done:
-          _write_png_atomic(_png_path(out, i), to_uint8(images[j]))
+          save_png(_png_path(out, i), to_uint8(images[j]))
           generated += 1
     now = time.time()
     if t_first is None:   # the first batch includes compiling: measure the rate after it

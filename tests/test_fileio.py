@@ -75,7 +75,7 @@ def _job_with_pngs(folder, kind, n=13):
   prompts = [f"prompt number {i}" * (i % 3 + 1) for i in range(n)] if kind == "prompts" else None
   os.makedirs(folder / "images")
   for i, image in enumerate(images):
-    sampling_job._write_png_atomic(  # pylint: disable=protected-access
+    sampling_job.save_png(
         sampling_job._png_path(str(folder), i), image)  # pylint: disable=protected-access
   return sampling_job.Job(n, labels=labels, prompts=prompts), images
 
@@ -117,7 +117,7 @@ def test_streamed_npz_loads_like_np_savez(tmp_path, monkeypatch, kind):
 def test_a_sample_of_another_shape_is_named(tmp_path):
   job, _ = _job_with_pngs(tmp_path, "unconditional", n=3)
   # pylint: disable=protected-access
-  sampling_job._write_png_atomic(sampling_job._png_path(str(tmp_path), 2),
+  sampling_job.save_png(sampling_job._png_path(str(tmp_path), 2),
                                  np.zeros((9, 6, 3), np.uint8))
   with pytest.raises(sampling_job.JobError, match=r"000002.png' is uint8\[9, 6, 3\], unlike "
                      r"the first sample's uint8\[8, 6, 3\]; delete it and rerun"):

@@ -62,7 +62,7 @@ def test_resumed_job_writes_exactly_the_uninterrupted_files(pipeline, tmp_path, 
   run(pipeline, sampling_job.job_for(pipeline, **kw), straight)
   # Interrupt the second run in its second batch, before anything of that batch is written.
   interrupted = tmp_path / "interrupted"
-  real = sampling_job._write_png_atomic  # pylint: disable=protected-access
+  real = sampling_job.save_png
   calls = []
 
   def dying(path, image):
@@ -71,7 +71,7 @@ def test_resumed_job_writes_exactly_the_uninterrupted_files(pipeline, tmp_path, 
       raise KeyboardInterrupt
     real(path, image)
 
-  monkeypatch.setattr(sampling_job, "_write_png_atomic", dying)
+  monkeypatch.setattr(sampling_job, "save_png", dying)
   with pytest.raises(KeyboardInterrupt):
     run(pipeline, sampling_job.job_for(pipeline, **kw), interrupted)
   monkeypatch.undo()
