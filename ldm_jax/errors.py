@@ -18,6 +18,16 @@ class DataError(LdmJaxError, ValueError):
   """A dataset is missing, empty or unreadable; the message names the field and the path."""
 
 
+class BadImageError(DataError):
+  """One image file cannot be decoded (truncated, empty, not an image); `path` names it.
+
+  The input pipeline skips such files when data.on_bad_image='skip' and stops otherwise."""
+
+  def __init__(self, message: str, path: str):
+    super().__init__(message)
+    self.path = path
+
+
 class CheckpointError(LdmJaxError, RuntimeError):
   """A checkpoint is missing, unreadable, or does not fit the model being restored."""
 

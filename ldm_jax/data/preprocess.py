@@ -36,6 +36,20 @@ def to_uint8(image) -> np.ndarray:
       np.uint8)
 
 
+def model_inputs(batch: dict) -> dict:
+  """A batch as the host sends it -> what models take: uint8 images become float32 in
+  [-1, 1] and 16-bit latents float32. Runs inside the jitted steps, so transfers stay small."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def one(key, x):
+    if key == "image" and x.dtype == jnp.uint8:
+      return x.astype(jnp.float32) / 127.5 - 1.0
+    if key == "latent" and x.dtype != jnp.float32:
+      return x.astype(jnp.float32)
+    return x
+  return {k: one(k, v) for k, v in batch.items()}
+
+
 def _resize_nearest(seg: np.ndarray, height: int, width: int) -> np.ndarray:
   if seg.shape[:2] == (height, width):
     return seg
