@@ -199,6 +199,12 @@ _LDM = {
                                 "sampled every step; data.random_flip flips latents."),
         "latent_cache": F("", "Folder of the latent cache ('' = <workdir>/latents). Must be "
                           "visible to every host, like the checkpoints."),
+        "latent_shard_size": F(4096, "Examples per latent-cache shard; shard k holds examples "
+                               "[k*S, (k+1)*S), so any host reads any example and an "
+                               "interrupted build resumes shard by shard."),
+        "latent_dtype": F("bfloat16", "Storage type of cached latents: bfloat16 halves disk and "
+                          "host memory (made float32 inside the step); float32 keeps them "
+                          "exact.", choices=("bfloat16", "float32")),
     },
     "unet": {
         "model_channels": F(256, "Base channels of the UNet."),

@@ -75,7 +75,9 @@ class LatentDiffusionStage(Stage):
     directory = c.first_stage.latent_cache or os.path.join(self.workdir, "latents")
     fingerprint = {"first_stage": self.first.source, "data": source.description,
                    "image_size": c.data.image_size, "resize_mode": c.data.resize_mode,
-                   "conditions": conditions.concat_kind(c.cond)}
+                   "conditions": conditions.concat_kind(c.cond),
+                   "latent_dtype": c.first_stage.latent_dtype,
+                   "latent_shard_size": c.first_stage.latent_shard_size}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     variables = jax.device_put(self.first.variables, replicated)
@@ -85,7 +87,8 @@ class LatentDiffusionStage(Stage):
         directory, source, conditions.cache_example_fn(c, latent_size=self.latent_size),
         lambda x: encode(variables, x), fingerprint=fingerprint,
         global_batch=c.train.batch_size, batch_sharding=batch,
-        num_classes=self.ldm.num_classes)
+        num_classes=self.ldm.num_classes, shard_size=c.first_stage.latent_shard_size,
+        dtype=c.first_stage.latent_dtype)
 
   def example_fn(self, train: bool):
     return conditions.route_example_fn(self.config, train=train, latent_size=self.latent_size,
