@@ -72,6 +72,20 @@ _COMMON = {
                          "('captions/text'); '' = no captions."),
         "segmentation_key": F("", "tfds feature holding an integer semantic map aligned with "
                               "the image (segmentation conditioning); '' = none."),
+        "index_dir": F("", "image_folder: where the folder's file index is kept ('' = "
+                       "<workdir>/data_index); a shared folder, e.g. next to the data, lets "
+                       "every run reuse one index. Rebuilt when the folder's top-level entries "
+                       "change."),
+        "rebuild_index": F(False, "image_folder: rebuild the file index even when it looks "
+                           "current (after editing captions or box files in place)."),
+        "mask_dir": F("", "image_folder: inpainting masks in a folder mirroring data.path (same "
+                      "relative paths, .png; single channel, nonzero = region to fill); "
+                      "'' = none."),
+        "segmentation_dir": F("", "image_folder: label maps in a folder mirroring data.path "
+                              "(same relative paths, .png; one integer class per pixel); "
+                              "'' = none."),
+        "max_boxes": F(16, "image_folder with box files (name.json): boxes per example after "
+                       "cropping; fewer are padded with class -1, more are cut."),
         "image_size": F(256, "Side of the square training images in pixels."),
         "channels": F(3, "Image channels: 3 (RGB) or 1 (grey).", choices=(1, 3)),
         "resize_mode": F("short_side", "'short_side': resize the shorter side to image_size, "

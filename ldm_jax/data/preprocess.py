@@ -1,8 +1,12 @@
 """Image preprocessing: resize, crop, flip and scale to [-1, 1], deterministic given an RNG."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
+
+from ldm_jax.errors import ConfigError, DataError
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -53,51 +57,128 @@ def model_inputs(batch: dict) -> dict:
 def _resize_nearest(seg: np.ndarray, height: int, width: int) -> np.ndarray:
   if seg.shape[:2] == (height, width):
     return seg
-  return np.asarray(Image.fromarray(seg.astype(np.int32)).resize((width, height),
-                                                                 Image.Resampling.NEAREST))
+  return np.asarray(Image.fromarray(seg.astype(np.int32)).resize(
+      (width, height), Image.Resampling.NEAREST)).astype(seg.dtype)
 
 
-def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
-                     resize_mode: str = "short_side", random_crop: bool = True,
-                     random_flip: bool = False, aligned: np.ndarray | None = None):
-  """A uint8 HWC image of any size -> float32 (size, size, C) in [-1, 1].
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Where the output square comes from: the image is resized to (nh, nw) (None: not
+  resampled), then the window at (top, left) is taken, zero-padded where it leaves the image;
+  finally flipped left-right. Input pixel x lands on output x * scale_x - left."""
+  mode: str
+  size: int
+  h: int
+  w: int
+  nh: int
+  nw: int
+  top: int
+  left: int
+  flip: bool = False
 
-  `aligned` (an integer map of the image's height and width, e.g. a semantic segmentation)
-  gets the same resize (nearest), crop and flip; then (image, aligned) is returned.
-  """
-  h, w = image.shape[:2]
-  if aligned is not None:
-    aligned = np.asarray(aligned)
-    aligned = aligned[..., 0] if aligned.ndim == 3 else aligned
-    if aligned.shape != (h, w):
-      raise ValueError(f"data: segmentation map {aligned.shape} does not match image {(h, w)}")
+  def image(self, image):
+    if self.mode == "pad":
+      out = _pad_or_crop(image, self.size)
+    else:
+      out = _resize(image, self.nh, self.nw)[self.top:self.top + self.size,
+                                             self.left:self.left + self.size]
+    return out[:, ::-1] if self.flip else out
+
+  def map(self, aligned):
+    if self.mode == "pad":
+      out = _pad_or_crop(aligned[..., None], self.size)[..., 0]
+    else:
+      out = _resize_nearest(aligned, self.nh, self.nw)[self.top:self.top + self.size,
+                                                       self.left:self.left + self.size]
+    return np.ascontiguousarray(out[:, ::-1] if self.flip else out)
+
+  def boxes(self, boxes):
+    """(N, 4) [x0, y0, x1, y1] in input pixels -> (boxes in [0, 1] of the output, kept): boxes
+    clipped to the output, those left without area dropped."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if self.mode == "pad":
+      sx, sy = 1.0, 1.0
+      shift_x = max(0, (self.size - self.w) // 2) - max(0, (self.w - self.size) // 2)
+      shift_y = max(0, (self.size - self.h) // 2) - max(0, (self.h - self.size) // 2)
+    else:
+      sx, sy = self.nw / self.w, self.nh / self.h
+      shift_x, shift_y = -self.left, -self.top
+    out = np.stack([boxes[:, 0] * sx + shift_x, boxes[:, 1] * sy + shift_y,
+                    boxes[:, 2] * sx + shift_x, boxes[:, 3] * sy + shift_y], axis=-1)
+    out = np.clip(out, 0.0, self.size)
+    if self.flip:
+      out = np.stack([self.size - out[:, 2], out[:, 1], self.size - out[:, 0], out[:, 3]], -1)
+    kept = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return (out / self.size).astype(np.float32), kept
+
+
+def _geometry(h, w, rng, size, resize_mode, random_crop) -> _Geometry:
+  """Draws the crop (the RNG draws of the image-only path, in its order); not the flip."""
   if resize_mode == "short_side":
     scale = size / min(h, w)
     nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
-    image = _resize(image, nh, nw)
     if random_crop:
       top, left = rng.integers(0, nh - size + 1), rng.integers(0, nw - size + 1)
     else:
       top, left = (nh - size) // 2, (nw - size) // 2
-    image = image[top:top + size, left:left + size]
-    if aligned is not None:
-      aligned = _resize_nearest(aligned, nh, nw)[top:top + size, left:left + size]
-  elif resize_mode == "pad":
-    image = _pad_or_crop(image, size)
-    if aligned is not None:
-      aligned = _pad_or_crop(aligned[..., None], size)[..., 0]
-  elif resize_mode == "stretch":
-    image = _resize(image, size, size)
-    if aligned is not None:
-      aligned = _resize_nearest(aligned, size, size)
-  else:
-    raise ValueError(f"data.resize_mode: unknown mode '{resize_mode}'")
+    return _Geometry("short_side", size, h, w, nh, nw, int(top), int(left))
+  if resize_mode == "pad":
+    return _Geometry("pad", size, h, w, h, w, 0, 0)
+  if resize_mode == "stretch":
+    return _Geometry("stretch", size, h, w, size, size, 0, 0)
+  raise ValueError(f"data.resize_mode: unknown mode '{resize_mode}'")
+
+
+def _as_map(name, aligned, h, w):
+  aligned = np.asarray(aligned)
+  aligned = aligned[..., 0] if aligned.ndim == 3 else aligned
+  if aligned.shape != (h, w):
+    raise DataError(f"data: {name} map {aligned.shape} does not match image {(h, w)}")
+  return aligned
+
+
+def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
+                     resize_mode: str = "short_side", random_crop: bool = True,
+                     random_flip: bool = False, aligned=None, boxes: np.ndarray | None = None,
+                     box_classes: np.ndarray | None = None, max_boxes: int = 16,
+                     uint8: bool = False):
+  """A uint8 HWC image of any size -> (size, size, C) float32 in [-1, 1] (uint8 if `uint8`).
+
+  Maps and boxes that belong to the image get its exact geometry (one set of RNG draws, in the
+  order of the image-only path, so adding them does not change the image):
+  - `aligned={name: (H, W) map}` (segmentation, mask, ...): resized nearest, cropped, flipped;
+  - `boxes` (N, 4) [x0, y0, x1, y1] in the image's pixels with `box_classes` (N,): moved with
+    the crop and flip, clipped to it, dropped when outside, then padded to `max_boxes`.
+  With either, a dict is returned: 'image', each map under its name (dtype kept), and 'boxes'
+  (float32 (max_boxes, 4) in [0, 1] of the output, x0 < x1) and 'box_classes' (int32
+  (max_boxes,), -1 = padding). The older form `aligned=<map>` returns (image, int32 map).
+  """
+  h, w = image.shape[:2]
+  legacy = aligned is not None and not isinstance(aligned, dict)
+  maps = {"segmentation": aligned} if legacy else dict(aligned or {})
+  maps = {name: _as_map(name, m, h, w) for name, m in maps.items()}
+  geometry = _geometry(h, w, rng, size, resize_mode, random_crop)
   if random_flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-    aligned = None if aligned is None else aligned[:, ::-1]
-  if aligned is None:
-    return to_float(image)
-  return to_float(image), np.ascontiguousarray(aligned).astype(np.int32)
+    geometry = dataclasses.replace(geometry, flip=True)
+  image = geometry.image(image)
+  image = np.ascontiguousarray(image) if uint8 else to_float(image)
+  if legacy:
+    return image, geometry.map(maps["segmentation"]).astype(np.int32)
+  if not maps and boxes is None:
+    return image
+  out = {"image": image, **{name: geometry.map(m) for name, m in maps.items()}}
+  if boxes is not None:
+    if max_boxes < 1:
+      raise ConfigError(f"data.max_boxes: must be at least 1, got {max_boxes}")
+    moved, kept = geometry.boxes(boxes)
+    classes = np.asarray(box_classes if box_classes is not None else np.zeros(len(moved)),
+                         np.int32).reshape(-1)
+    moved, classes = moved[kept][:max_boxes], classes[kept][:max_boxes]
+    out["boxes"] = np.zeros((max_boxes, 4), np.float32)
+    out["boxes"][:len(moved)] = moved
+    out["box_classes"] = np.full((max_boxes,), -1, np.int32)
+    out["box_classes"][:len(classes)] = classes
+  return out
 
 
 def image_example_fn(data_config, train: bool):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import io
 import os
 import re
 import struct
@@ -16,11 +17,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ldm_jax.errors import DataError  # noqa: F401  (re-exported)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
+from ldm_jax.data import folder_index, sidecars
+from ldm_jax.data.folder_index import IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
+from ldm_jax.errors import BadImageError, DataError  # noqa: F401  (DataError re-exported)
 
 
 class Source:
@@ -34,6 +33,11 @@ class Source:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     raise NotImplementedError
+
+  def caption(self, index: int) -> str:
+    """Example `index`'s caption ('' if none); sources that know it without decoding the image
+    override this (building a tokenizer reads every caption)."""
+    return self[index].get("caption", "")
 
 
 def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -53,63 +57,91 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
 
 
 class ImageFolderSource(Source):
-  """Images under a folder: one sub-folder per class (labels sorted by name), or flat.
+  """Images under a folder: one sub-folder per class (labels sorted by name), or flat, with the
+  sidecar conditions of ldm_jax/data/sidecars.py (captions, boxes, masks, segmentation maps).
 
   Images of any size and format that PIL reads; they are resized by the pipeline. Nested
-  folders below the class folders are searched too.
+  folders below the class folders are searched too; hidden files and folders are skipped. The
+  file list comes from an index (ldm_jax/data/folder_index.py) kept in `index_dir`, or is built
+  in memory when index_dir is ''. `mask_dir` and `segmentation_dir` mirror `root`: the same
+  relative paths with a .png extension. Only strings and lists are kept, so the source pickles
+  cheaply to worker processes.
   """
 
-  def __init__(self, root: str, channels: int = 3):
-    if not os.path.isdir(root):
+  def __init__(self, root: str, channels: int = 3, *, index_dir: str = "",
+               rebuild_index: bool = False, mask_dir: str = "", segmentation_dir: str = ""):
+    if not sidecars.is_dir(root):
       raise DataError(f"data.path: image folder '{root}' does not exist")
+    for field, folder in (("mask_dir", mask_dir), ("segmentation_dir", segmentation_dir)):
+      if folder and not sidecars.is_dir(folder):
+        raise DataError(f"data.{field}: folder '{folder}' does not exist (it mirrors the image "
+                        f"folder '{root}')")
+    index = folder_index.open_index(root, index_dir, rebuild_index)
     self.root = root
     self.channels = channels
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-                     and not d.startswith("."))
-    top_files = [f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    files, labels, classes = [], [], []
-    if subdirs and not top_files:
-      for label, d in enumerate(subdirs):
-        found = _list_images(os.path.join(root, d))
-        files += found
-        labels += [label] * len(found)
-      classes = subdirs
-    else:
-      files = _list_images(root)
-    if not files:
-      raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) found under "
-                      f"'{root}'")
-    self.files = files
-    self.labels = np.asarray(labels, np.int32) if classes else None
-    self.classes = classes
-    self.num_classes = len(classes)
-    self.description = (f"image folder {root}: {len(files)} images" +
-                        (f", {len(classes)} classes" if classes else ", no classes"))
+    self.mask_dir, self.segmentation_dir = mask_dir, segmentation_dir
+    self.relative = index.files
+    self.files = [sidecars.join(root, rel) for rel in index.files]
+    self.sizes = np.asarray(index.sizes, np.int64)
+    self.classes = index.classes
+    self.labels = np.asarray(index.labels, np.int32) if index.classes else None
+    self.captions = index.captions
+    self.boxes = index.boxes
+    self.num_classes = len(self.classes)
+    extras = [name for name, present in (("captions", self.captions is not None),
+                                         ("boxes", self.boxes is not None),
+                                         ("masks", bool(mask_dir)),
+                                         ("segmentation maps", bool(segmentation_dir)))
+              if present]
+    self.description = (f"image folder {root}: {len(self.files)} images" +
+                        (f", {len(self.classes)} classes" if self.classes else ", no classes") +
+                        "".join(f", {e}" for e in extras))
 
   def __len__(self):
     return len(self.files)
 
+  def caption(self, index):
+    return self.captions[index] if self.captions is not None else ""
+
   def __getitem__(self, index):
     path = self.files[index]
-    try:
-      with Image.open(path) as im:
-        im = im.convert("L" if self.channels == 1 else "RGB")
-        image = np.asarray(im, np.uint8)
-    except Exception as e:  # PIL raises many types for bad files
-      raise DataError(f"data: cannot read image '{path}': {e}") from e
-    example = {"image": _to_channels(image, self.channels)}
+    image = decode_image(path, self.channels)
+    example = {"image": image}
     if self.labels is not None:
       example["label"] = int(self.labels[index])
+    if self.captions is not None:
+      example["caption"] = self.captions[index]
+    png = self.relative[index].rsplit(".", 1)[0] + ".png"
+    if self.mask_dir:
+      example["mask"] = sidecars.read_mask(sidecars.join(self.mask_dir, png), path,
+                                           image.shape[:2])
+    if self.segmentation_dir:
+      example["segmentation"] = sidecars.read_segmentation(
+          sidecars.join(self.segmentation_dir, png), path, image.shape[:2])
+    if self.boxes is not None:
+      boxes = np.asarray(self.boxes[index], np.float32).reshape(-1, 5)
+      example["boxes"] = boxes[:, 1:]
+      example["box_classes"] = boxes[:, 0].astype(np.int32)
     return example
 
 
-def _list_images(folder):
-  out = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames.sort()
-    out += [os.path.join(dirpath, f) for f in sorted(filenames)
-            if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return out
+def decode_image(path: str, channels: int) -> np.ndarray:
+  """The uint8 (H, W, channels) pixels of an image file, decoded in full (a truncated file
+  fails here, not later); BadImageError names the file when it cannot be read or decoded."""
+  try:
+    data = sidecars.read_bytes(path)
+  except OSError as e:
+    hint = (" (the folder changed since it was indexed: set data.rebuild_index=True)"
+            if isinstance(e, FileNotFoundError) else "")
+    raise BadImageError(f"data: cannot read image '{path}': {e}{hint}", path) from e
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      image = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.uint8)
+  except Exception as e:  # PIL raises many types for bad files
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise BadImageError(f"data: cannot read image '{path}': {reason}", path) from e
+  return _to_channels(image, channels)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -268,6 +300,11 @@ class Subset(Source):
       raise IndexError(index)
     return self.source[self.start + index]
 
+  def caption(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    return self.source.caption(self.start + index)
+
 
 _SPLIT = re.compile(r"^(?P<name>[^\[\]]*)(\[(?P<start>[^:\]]*):(?P<stop>[^\]]*)\])?$")
 
@@ -302,8 +339,11 @@ def slice_source(source: Source, split: str, start, stop) -> Source:
   return Subset(source, a, b)
 
 
-def open_source(data_config, split: str) -> Source:
-  """The source for `split` of the configured dataset, with any slice applied."""
+def open_source(data_config, split: str, *, index_dir: str = "") -> Source:
+  """The source for `split` of the configured dataset, with any slice applied.
+
+  image_folder keeps its file index in data.index_dir, else in `index_dir` (the training loop
+  passes <workdir>/data_index); with both '' the file list is built in memory."""
   d = data_config
   name, start, stop = parse_split(split)
   if d.source == "tfds":
@@ -311,11 +351,16 @@ def open_source(data_config, split: str) -> Source:
     return TfdsSource(d.tfds_name, split, d.data_dir, d.manual_dir, d.prepare, d.image_key,
                       d.label_key, d.caption_key, d.channels, d.segmentation_key)
   if d.source == "image_folder":
-    root = os.path.join(d.path, name) if name else d.path
-    if name and not os.path.isdir(root):
+    within = lambda folder: sidecars.join(folder, name) if folder and name else folder  # noqa: E731
+    root = within(d.path)
+    if name and not sidecars.is_dir(root):
       raise DataError(f"data.split: image folder '{d.path}' has no sub-folder '{name}' "
                       f"(use split='' for the folder itself)")
-    source = ImageFolderSource(root, d.channels)
+    source = ImageFolderSource(
+        root, d.channels, index_dir=getattr(d, "index_dir", "") or index_dir,
+        rebuild_index=getattr(d, "rebuild_index", False),
+        mask_dir=within(getattr(d, "mask_dir", "")),
+        segmentation_dir=within(getattr(d, "segmentation_dir", "")))
   elif d.source == "mnist":
     source = mnist_source(d.path, name, d.channels)
   elif d.source == "packaged_mnist":

@@ -59,7 +59,7 @@ class LatentDiffusionStage(Stage):
     c = self.config
     if self.ldm is None:
       self.tokenizer = tokenizer_for(c.cond, self.workdir, lambda: (
-          source[i].get("caption", "") for i in range(min(len(source), 200_000))))
+          source.caption(i) for i in range(min(len(source), 200_000))))
       classes = self.facts.get("num_classes")   # what a resumed checkpoint recorded
       if classes is None:
         labelled = conditions.needs_labels(c.cond)
