@@ -149,9 +149,10 @@ def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
   - `aligned={name: (H, W) map}` (segmentation, mask, ...): resized nearest, cropped, flipped;
   - `boxes` (N, 4) [x0, y0, x1, y1] in the image's pixels with `box_classes` (N,): moved with
     the crop and flip, clipped to it, dropped when outside, then padded to `max_boxes`.
-  With either, a dict is returned: 'image', each map under its name (dtype kept), and 'boxes'
-  (float32 (max_boxes, 4) in [0, 1] of the output, x0 < x1) and 'box_classes' (int32
-  (max_boxes,), -1 = padding). The older form `aligned=<map>` returns (image, int32 map).
+  With either (even `aligned={}`), a dict is returned: 'image', each map under its name (dtype
+  kept), and 'boxes' (float32 (max_boxes, 4) in [0, 1] of the output, x0 < x1) and
+  'box_classes' (int32 (max_boxes,), -1 = padding). The older form `aligned=<map>` returns
+  (image, int32 map).
   """
   h, w = image.shape[:2]
   legacy = aligned is not None and not isinstance(aligned, dict)
@@ -164,7 +165,7 @@ def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
   image = np.ascontiguousarray(image) if uint8 else to_float(image)
   if legacy:
     return image, geometry.map(maps["segmentation"]).astype(np.int32)
-  if not maps and boxes is None:
+  if aligned is None and boxes is None:
     return image
   out = {"image": image, **{name: geometry.map(m) for name, m in maps.items()}}
   if boxes is not None:

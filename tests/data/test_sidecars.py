@@ -75,6 +75,8 @@ def test_old_single_map_form_still_works():
                                     aligned={"segmentation": labels}, uint8=True)
   np.testing.assert_array_equal(got_seg, new["segmentation"])
   assert got_seg.dtype == np.int32 and new["image"].dtype == np.uint8
+  assert list(preprocess.preprocess_image(image, np.random.default_rng(3), size=16,
+                                          aligned={})) == ["image"]
   np.testing.assert_array_equal(preprocess.to_uint8(got_image), new["image"])
   with pytest.raises(DataError, match="mask map"):
     preprocess.preprocess_image(image, np.random.default_rng(0), size=16,
