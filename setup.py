@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",
     "tensorflow-datasets>=4.9.10,<5",
     "array_record>=0.8",         # random-access tfds sources
+    "grain>=0.2.18,<0.3",        # the input pipeline (worker processes, read-ahead)
     "importlib_resources",       # needed by tfds (etils) when it prepares a dataset
     "clu==0.0.12",
     # clu.metric_writers and clu.periodic_actions import TensorFlow; the CPU build is enough

@@ -95,8 +95,17 @@ _COMMON = {
         "random_crop": F(True, "short_side mode: random (True) or centre (False) crop."),
         "random_flip": F(True, "Random horizontal flips (turn off for digits and text)."),
         "shuffle": F(True, "Shuffle the example order every epoch (seeded)."),
-        "num_threads": F(16, "Threads decoding and augmenting images on each host."),
-        "prefetch": F(2, "Batches prepared ahead of the training step on each host."),
+        "workers": F(-1, "grain worker processes decoding and augmenting batches on each "
+                     "host; 0 = threads in the training process; -1 = a quarter of the "
+                     "host's cores, at most 16 (0 below 8 cores)."),
+        "prefetch": F(2, "Batches prepared ahead of the training step on each host (by as "
+                      "many threads per process); one more batch is always on its way to the "
+                      "devices while a step runs."),
+        "on_bad_image": F("error", "An image that cannot be decoded: 'error' saves a "
+                          "checkpoint of the last completed step and stops, naming the file; "
+                          "'skip' logs it once, counts it (metric data/skipped_files) and uses "
+                          "another example chosen from (seed, position), so resumes stay "
+                          "exact.", choices=("error", "skip")),
     },
     "train": {
         "batch_size": F(64, "Global batch size over all hosts and devices (per optimizer "

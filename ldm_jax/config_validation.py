@@ -94,8 +94,11 @@ def check_common(config) -> None:
   """Fields of both stages: training loop, data source and device mesh."""
   _positive(config, "train.batch_size", "train.grad_accum", "train.num_steps", "train.lr",
             "data.image_size", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-            "data.num_threads")
+            "data.prefetch")
   t, d = config.train, config.data
+  if d.workers < -1:
+    raise ConfigError(f"data.workers: expected -1 (automatic), 0 (threads in the training "
+                      f"process) or a number of worker processes, got {d.workers}")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by "
                       f"train.grad_accum ({t.grad_accum})")

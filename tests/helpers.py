@@ -93,7 +93,7 @@ def train_on_digits(config, workdir, devices=None):
   from ldm_jax.training import loop  # pylint: disable=g-import-not-at-top
   source = digit_source()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(loop, "open_source", lambda data_config, split: source)
+    patch.setattr(loop, "open_source", lambda data_config, split, **kw: source)
     return loop.train_and_evaluate(config, str(workdir), devices=devices or jax.devices()[:1])
 
 

@@ -29,7 +29,7 @@ def autoencoder(tiny_autoencoder):
 @pytest.fixture(autouse=True)
 def captioned_digits(monkeypatch):
   source = digit_source()
-  monkeypatch.setattr(loop, "open_source", lambda data_config, split: source)
+  monkeypatch.setattr(loop, "open_source", lambda data_config, split, **kw: source)
   return source
 
 

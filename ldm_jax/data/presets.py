@@ -22,5 +22,4 @@ def use_packaged_mnist(config, *, image_size: int = 32, eval_digits: int = 1000)
   d.source = "packaged_mnist"
   d.split, d.eval_split = f"t10k[:{-eval_digits}]", f"t10k[{-eval_digits}:]"
   d.image_size, d.channels, d.resize_mode, d.random_flip = image_size, 1, "pad", False
-  d.num_threads = 4
   return config

@@ -19,9 +19,11 @@ from ldm_jax import config as config_lib
 from ldm_jax import fileio, locks
 from ldm_jax.checkpoint import Checkpointer
 from ldm_jax.compilation import run_once_options
-from ldm_jax.data.pipeline import InputPipeline, eval_batches, to_global
+from ldm_jax.data.pipeline import (DevicePrefetch, InputPipeline, default_workers,
+                                   eval_batches, to_global)
+from ldm_jax.data.preprocess import model_inputs
 from ldm_jax.data.sources import open_source
-from ldm_jax.errors import CheckpointError, Preempted, TrainingDiverged
+from ldm_jax.errors import BadImageError, CheckpointError, DataError, Preempted, TrainingDiverged
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding as sharding_lib
 from ldm_jax.training import reporting
@@ -159,16 +161,21 @@ class Trainer:
   # -- set-up ----------------------------------------------------------------------------------
   def _build_data(self):
     c = self.config
-    self.train_source = self.stage.adapt_source(open_source(c.data, c.data.split), train=True)
+    index_dir = os.path.join(self.workdir, "data_index")   # unless data.index_dir says
+    self.train_source = self.stage.adapt_source(
+        open_source(c.data, c.data.split, index_dir=index_dir), train=True)
     self.eval_source = None
     if c.data.eval_split:
-      self.eval_source = self.stage.adapt_source(open_source(c.data, c.data.eval_split),
-                                                 train=False)
+      self.eval_source = self.stage.adapt_source(
+          open_source(c.data, c.data.eval_split, index_dir=index_dir), train=False)
+    workers = default_workers() if c.data.workers < 0 else c.data.workers
     self.pipeline = InputPipeline(self.train_source, self.stage.example_fn(train=True),
                                   global_batch=c.train.batch_size, seed=c.seed,
-                                  shuffle=c.data.shuffle, num_threads=c.data.num_threads,
-                                  prefetch=c.data.prefetch)
-    logger.info("training data: %s", self.train_source.description)
+                                  shuffle=c.data.shuffle, workers=workers,
+                                  prefetch=c.data.prefetch, on_bad_image=c.data.on_bad_image)
+    self.batches: DevicePrefetch | None = None   # started by train(), after any resume
+    logger.info("training data: %s (%s)", self.train_source.description,
+                f"{workers} worker processes" if workers else "read in this process")
     if self.eval_source is not None:
       logger.info("evaluation data: %s", self.eval_source.description)
 
@@ -202,10 +209,10 @@ class Trainer:
       self.pipeline.set_state(meta["data"])
       logger.info("resumed from %s/checkpoints step %d", self.workdir, step)
     else:
-      init = jax.jit(self.stage.init, out_shardings=self.state_shardings,
-                     compiler_options=run_once_options())
+      init = jax.jit(lambda rng, batch: self.stage.init(rng, model_inputs(batch)),
+                     out_shardings=self.state_shardings, compiler_options=run_once_options())
       state = init(rng, to_global(first, self.batch_sharding))
-      prepare = jax.jit(self.stage.prepare, out_shardings=self.state_shardings)
+      prepare = jax.jit(_on_model_inputs(self.stage.prepare), out_shardings=self.state_shardings)
       self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)
     self.start_step = int(self.state.step)
     if jax.process_index() == 0:
@@ -217,10 +224,11 @@ class Trainer:
   def _compile(self):
     st, fr, bt = self.state_shardings, self.frozen_shardings, self.batch_sharding
     rep = self.replicated
-    self.train_step = jax.jit(self.stage.train_step, in_shardings=(st, bt, fr),
+    self.train_step = jax.jit(_on_model_inputs(self.stage.train_step), in_shardings=(st, bt, fr),
                               out_shardings=(st, rep), donate_argnums=(0,))
-    self.eval_step = jax.jit(self.stage.eval_step, in_shardings=(st, bt, fr), out_shardings=rep)
-    self.summary_fn = jax.jit(self.stage.summaries, in_shardings=(st, bt, fr),
+    self.eval_step = jax.jit(_on_model_inputs(self.stage.eval_step), in_shardings=(st, bt, fr),
+                             out_shardings=rep)
+    self.summary_fn = jax.jit(_on_model_inputs(self.stage.summaries), in_shardings=(st, bt, fr),
                               out_shardings=rep)
     # Whether every float of a state (params, optimizer state, EMA, model state) is finite: run
     # after each step as its own small program, so the step's program (and its numbers) is as
@@ -242,7 +250,8 @@ class Trainer:
 
   # -- the loop --------------------------------------------------------------------------------
   def _meta(self) -> dict[str, Any]:
-    return {"format": CHECKPOINT_FORMAT, "data": self.pipeline.get_state(),
+    data = (self.batches or self.pipeline).get_state()
+    return {"format": CHECKPOINT_FORMAT, "data": data,
             "stage": self.config.stage, "config": json.loads(self.config.to_json_best_effort()),
             "model": self.stage.describe()}
 
@@ -302,9 +311,10 @@ class Trainer:
     stop = False
     logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
                 self.workdir)
+    self.batches = DevicePrefetch(self.pipeline, self.batch_sharding)
     try:
       while step < t.num_steps:
-        batch = to_global(next(self.pipeline), self.batch_sharding)
+        batch = self._next_batch(step, pending)
         self.state, metrics = self.train_step(self.state, batch, self.frozen)
         metrics = dict(metrics, state_finite=self.finite_fn(self.state))
         step += 1
@@ -326,6 +336,8 @@ class Trainer:
           self.checkpointer.check()   # a failed background save stops the run now
           if flush:
             mean = _mean_metrics([_logged(m) for _, m in host])
+            if c.data.on_bad_image == "skip":
+              mean["data/skipped_files"] = float(self._skipped_files())
             self.writer.write_scalars(step, mean)
             metrics_log.write(step, mean)
             history.append({"step": step, **mean})
@@ -350,6 +362,33 @@ class Trainer:
                       f"checkpoint '{self.workdir}/checkpoints/{step}'; run the same command "
                       f"again to resume", step=step, history=history)
     return history
+
+  def _next_batch(self, step: int, pending: list):
+    """The next global batch. An unreadable image (data.on_bad_image='error') first saves the
+    completed step (one host: saves are collective on several, so there the last periodic
+    checkpoint stands), so fixing the file and rerunning loses nothing."""
+    try:
+      return next(self.batches)
+    except BadImageError as e:
+      saved = f"the last checkpoint is step {self.last_saved}"
+      if step > 0 and jax.process_count() == 1:
+        if self.last_saved != step:
+          _check_finite([(s, jax.device_get(m)) for s, m in pending], self.last_saved,
+                        self.workdir)
+          self.checkpointer.check()
+          self.save(step, force=True)
+          self.checkpointer.wait()
+        saved = f"saved checkpoint '{self.workdir}/checkpoints/{step}'"
+      raise DataError(f"{e}; {saved}. Fix or remove the file (or set "
+                      f"data.on_bad_image='skip') and run the same command again") from e
+
+  def _skipped_files(self) -> int:
+    """Bad files skipped so far by all hosts (a collective when there are several)."""
+    count = np.int64(self.batches.get_state()["skipped"])
+    if jax.process_count() == 1:
+      return int(count)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return int(np.sum(multihost_utils.process_allgather(count)))
 
   def _summary_batch(self, train_batch):
     if self.eval_source is None:
@@ -377,6 +416,14 @@ def build_stage(config, mesh, workdir: str | None = None, facts: dict | None = N
     raise config_lib.ConfigError(f"stage: no trainer for '{config.stage}' (known: "
                                  f"{sorted(STAGES)})")
   return STAGES[config.stage](config, mesh, workdir, facts)
+
+
+def _on_model_inputs(fn):
+  """fn(state, batch, frozen) taking the batch as sent (uint8 images, 16-bit latents) and
+  converting it on the device (see ldm_jax.data.preprocess.model_inputs)."""
+  def wrapped(state, batch, frozen):
+    return fn(state, model_inputs(batch), frozen)
+  return wrapped
 
 
 def _write_if_changed(path: str, text: str):

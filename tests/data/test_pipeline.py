@@ -6,6 +6,7 @@ from ldm_jax import config as config_lib
 from ldm_jax.data import preprocess
 from ldm_jax.data.pipeline import InputPipeline, eval_batches
 from ldm_jax.data.sources import ArraySource, DataError, ImageFolderSource
+from ldm_jax.errors import BadImageError
 
 
 def _source(n=50):
@@ -26,7 +27,7 @@ def _take(pipe, k):
 
 def test_same_seed_same_batches_and_full_epochs():
   a = InputPipeline(_source(), _fn, global_batch=10, seed=3)
-  b = InputPipeline(_source(), _fn, global_batch=10, seed=3, num_threads=1)
+  b = InputPipeline(_source(), _fn, global_batch=10, seed=3, prefetch=1)
   batches_a, batches_b = _take(a, 10), _take(b, 10)
   for x, y in zip(batches_a, batches_b):
     for k in x:
@@ -122,3 +123,107 @@ def test_image_example_fn_on_cifar(cifar_folder):
   batch = next(pipe)
   pipe.close()
   assert batch["image"].shape == (8, 24, 24, 3) and batch["label"].dtype == np.int32
+
+
+def _batches_equal(want, got):
+  for x, y in zip(want, got, strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_two_worker_processes_give_the_same_batches_and_resume():
+  expected = _take(InputPipeline(_source(), _fn, global_batch=6, seed=2), 7)
+  workers = InputPipeline(_source(), _fn, global_batch=6, seed=2, workers=2)
+  _batches_equal(expected[:4], _take(workers, 4))
+  state = workers.get_state()
+  workers.close()
+  resumed = InputPipeline(_source(), _fn, global_batch=6, seed=2, workers=2)
+  resumed.set_state(state)
+  _batches_equal(expected[4:], _take(resumed, 3))
+  resumed.close()
+
+
+def test_a_run_resumes_on_another_number_of_hosts():
+  single = InputPipeline(_source(), _fn, global_batch=8, seed=7)
+  expected = _take(single, 6)
+  two = [InputPipeline(_source(), _fn, global_batch=8, seed=7, process_index=h,
+                       process_count=2) for h in range(2)]
+  for _ in range(3):
+    parts = [next(h) for h in two]
+  assert two[0].get_state() == two[1].get_state()
+  state = two[0].get_state()
+  np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]),
+                                expected[2]["image"])
+  one = InputPipeline(_source(), _fn, global_batch=8, seed=7, process_index=0, process_count=1)
+  one.set_state(state)
+  _batches_equal(expected[3:], _take(one, 3))
+  four = [InputPipeline(_source(), _fn, global_batch=8, seed=7, process_index=h,
+                        process_count=4) for h in range(4)]
+  for h in four:
+    h.set_state(state)
+  for want in expected[3:]:
+    parts = [next(h) for h in four]
+    np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), want["label"])
+
+
+class _WithBadFiles(ArraySource):
+  """Examples 3 and 11 are unreadable files."""
+
+  def __getitem__(self, index):
+    if index in (3, 11):
+      raise BadImageError(f"data: cannot read image 'img{index}.jpg'", f"img{index}.jpg")
+    return super().__getitem__(index)
+
+
+def _bad_source():
+  base = _source(20)
+  return _WithBadFiles(base.images, base.labels)
+
+
+def test_skip_replaces_bad_files_deterministically_counts_them_and_resumes_exactly(caplog):
+  pipe = InputPipeline(_bad_source(), _fn, global_batch=5, seed=1, on_bad_image="skip")
+  batches = _take(pipe, 8)     # two epochs: each bad file is met twice, logged once
+  assert pipe.get_state()["skipped"] == 4
+  warned = [r.getMessage() for r in caplog.records if "skipped unreadable" in r.getMessage()]
+  assert len(warned) == 2 and any("img3.jpg" in w for w in warned)
+  seen = np.concatenate([b["image"] for b in batches[:4]])
+  src = _bad_source()
+  for bad in (3, 11):
+    assert not (seen == src.images[bad]).all(axis=(1, 2, 3)).any()
+  # Resuming mid-way sees the same substitutes and carries the count on.
+  first = InputPipeline(_bad_source(), _fn, global_batch=5, seed=1, on_bad_image="skip")
+  _take(first, 3)
+  resumed = InputPipeline(_bad_source(), _fn, global_batch=5, seed=1, on_bad_image="skip")
+  resumed.set_state(first.get_state())
+  _batches_equal(batches[3:], _take(resumed, 5))
+  assert resumed.get_state()["skipped"] == 4
+  for p in (pipe, first, resumed):
+    p.close()
+
+
+def test_error_names_the_bad_file_when_its_batch_is_asked_for():
+  pipe = InputPipeline(_bad_source(), _fn, global_batch=5, seed=1, workers=0)
+  handed = 0
+  with pytest.raises(BadImageError, match="img(3|11).jpg"):
+    for _ in range(4):
+      next(pipe)
+      handed += 1
+  # The state still points at the failing batch: a rerun loses nothing before it.
+  assert pipe.get_state()["position"] == 5 * handed
+  pipe.close()
+
+
+def test_device_prefetch_state_counts_only_the_batches_handed_out():
+  import jax
+  from ldm_jax.data.pipeline import DevicePrefetch
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  pipe = InputPipeline(_bad_source(), _fn, global_batch=5, seed=1, on_bad_image="skip")
+  device = DevicePrefetch(pipe, sharding, ahead=2)
+  got = [next(device) for _ in range(3)]
+  assert pipe.get_state()["position"] == 25          # two more already sent ahead
+  assert device.get_state()["position"] == 15
+  expected = _take(InputPipeline(_bad_source(), _fn, global_batch=5, seed=1,
+                                 on_bad_image="skip"), 3)
+  _batches_equal(expected, [jax.device_get(b) for b in got])
+  pipe.close()

@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ldm_jax.checkpoint import Checkpointer, CheckpointError
-from ldm_jax.data.pipeline import InputPipeline
+from ldm_jax.data.pipeline import HostBatch, InputPipeline
+from ldm_jax.data.preprocess import model_inputs
 from ldm_jax.data.sources import open_source
 from ldm_jax.errors import ConfigError, Preempted
 from ldm_jax.parallel import mesh as mesh_lib
@@ -205,15 +206,15 @@ def test_stage_two_pins_the_first_stage_step_it_started_from(uninterrupted):
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   """A batch of NaN images at step 4 makes the loss NaN; checkpoint 3 stays, nothing later."""
-  real_batch_at = InputPipeline.batch_at
+  real_call = HostBatch.__call__
 
-  def poisoned(self, position):
-    batch = real_batch_at(self, position)
-    if position >= 3 * self.global_batch:
-      batch["image"] = np.full_like(batch["image"], np.nan)
-    return batch
+  def poisoned(self, batch_number):
+    batch, bad = real_call(self, batch_number)
+    if batch_number >= 3:   # float NaNs in place of the uint8 pixels
+      batch["image"] = np.full(batch["image"].shape, np.nan, np.float32)
+    return batch, bad
 
-  monkeypatch.setattr(InputPipeline, "batch_at", poisoned)
+  monkeypatch.setattr(HostBatch, "__call__", poisoned)
   with pytest.raises(TrainingDiverged, match=r"loss = nan at step 4; the last good checkpoint "
                      r"is step 3"):
     run(tmp_path)
@@ -232,7 +233,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   stage = AutoencoderStage(config, mesh)
   pipe = InputPipeline(open_source(config.data, config.data.split),
                        stage.example_fn(train=True), global_batch=16, seed=0)
-  batch = jax.device_put(next(pipe), mesh_lib.batch_sharding(mesh))
+  batch = model_inputs(jax.device_put(next(pipe), mesh_lib.batch_sharding(mesh)))
   pipe.close()
   state = jax.jit(stage.init, compiler_options=run_once_options())(jax.random.PRNGKey(0),
                                                                        batch)
