@@ -19,6 +19,7 @@ import numpy as np
 from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_export,
                                 load_inference)
 from ldm_jax.data import conditions
+from ldm_jax.data.preprocess import to_float
 from ldm_jax.data.text import TextTokenizer, tokenizer_for
 from ldm_jax.errors import JobError
 from ldm_jax.first_stage import FirstStage, load_first_stage
@@ -72,6 +73,8 @@ class Pipeline:
       for key in ("image", "lowres", "segmentation"):
         if key in examples[0]:
           batch[key] = np.stack([e[key] for e in examples])
+      if "image" in batch and batch["image"].dtype == np.uint8:
+        batch["image"] = to_float(batch["image"])
       if cond.concat == "inpaint":
         if masks is None:
           raise JobError("an inpainting model needs masks (1 = region to fill)")

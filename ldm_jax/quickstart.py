@@ -107,14 +107,14 @@ def ldm_config(autoencoder_dir: str, steps: int = 500, train_digits: int = 8000)
 def _real_digits(split: str):
   """(images in [-1, 1] as the models see them, labels) of a packaged-MNIST split."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ldm_jax.data.preprocess import image_example_fn  # pylint: disable=g-import-not-at-top
+  from ldm_jax.data.preprocess import image_example_fn, to_float  # pylint: disable=g-import-not-at-top
   from ldm_jax.data.sources import open_source  # pylint: disable=g-import-not-at-top
   c = config_lib.defaults("autoencoder")
   presets.use_packaged_mnist(c, image_size=32)
   source = open_source(c.data, split)
   fn = image_example_fn(c.data, train=False)
   examples = [fn(source[i], None) for i in range(len(source))]
-  return (np.stack([e["image"] for e in examples]),
+  return (to_float(np.stack([e["image"] for e in examples])),
           np.asarray([e["label"] for e in examples], np.int32))
 
 

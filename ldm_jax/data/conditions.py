@@ -52,8 +52,9 @@ def check_cacheable(cond_config):
 
 
 def downsample_image(image: np.ndarray, size: int) -> np.ndarray:
-  """A float [-1, 1] image -> (size, size) with PIL's antialiased bicubic filter."""
-  u8 = to_uint8(image)
+  """A uint8 or float [-1, 1] image -> float [-1, 1] (size, size) with PIL's antialiased
+  bicubic filter."""
+  u8 = image if image.dtype == np.uint8 else to_uint8(image)
   pil = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
   small = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
   return to_float(small[..., None] if small.ndim == 2 else small)
@@ -75,7 +76,7 @@ def _flip(out: dict, keys) -> dict:
 
 def cached_example(example: dict, rng: np.random.Generator, *, flip: bool) -> dict:
   """A latent-cache entry -> a training example; a flip flips latent and conditions alike."""
-  out = {"latent": np.asarray(example["latent"], np.float32)}
+  out = {"latent": np.asarray(example["latent"])}   # 16-bit stays so: the step converts
   for key in ("lowres", "segmentation"):
     if key in example:
       out[key] = np.asarray(example[key])
@@ -100,15 +101,22 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
     else:
       if concat == "segmentation" and "segmentation" not in example:
         raise ConfigError("cond.concat='segmentation': the training examples have no "
-                          "segmentation map (set data.segmentation_key)")
+                          "segmentation map (set data.segmentation_key for tfds, "
+                          "data.segmentation_dir for an image folder)")
       out = image_fn(example, rng)   # crops and flips a segmentation map with its image
       out.update(spatial_conditions(concat, out["image"], latent_size))
     if concat != "segmentation":
       out.pop("segmentation", None)
+    for key in ("boxes", "box_classes"):   # no route conditions on boxes yet
+      out.pop(key, None)
     if tokenizer is not None:
       out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
-    if concat == "inpaint":
-      out["mask"] = masks_lib.random_mask(rng, size, size)
+    if concat == "inpaint":   # the folder's own mask (data.mask_dir), else a random one
+      mask = out.pop("mask", None)
+      out["mask"] = (masks_lib.random_mask(rng, size, size) if mask is None
+                     else np.asarray(mask, np.float32).reshape(size, size, 1))
+    else:
+      out.pop("mask", None)
     return out
 
   return fn

@@ -183,22 +183,28 @@ def preprocess_image(image: np.ndarray, rng: np.random.Generator, *, size: int,
 
 
 def image_example_fn(data_config, train: bool):
-  """Raw example -> {'image': float32 [-1, 1], 'label': int32 if labelled, 'segmentation':
-  int32 map with the image's crop and flip if the example has one} per `config.data`.
+  """Raw example -> {'image': uint8 (size, size, C), 'label': int32 if labelled, and the
+  example's aligned conditions with the image's resize, crop and flip: 'segmentation' (int32
+  map), 'mask' (uint8, 1 = region to fill), 'boxes' (float32 (max_boxes, 4) in [0, 1]) with
+  'box_classes' (int32, -1 = padding)} per `config.data`.
 
-  Evaluation (train=False) uses centre crops and no flips, so it sees the same pixels every time.
+  Images stay uint8 until the device (a quarter of float32's transfer); the jitted steps turn
+  them into float32 in [-1, 1] with `model_inputs`. Evaluation (train=False) uses centre crops
+  and no flips, so it sees the same pixels every time.
   """
   d = data_config
 
   def fn(example, rng):
-    kwargs = dict(size=d.image_size, resize_mode=d.resize_mode,
-                  random_crop=train and d.random_crop, random_flip=train and d.random_flip)
-    if "segmentation" in example:
-      image, seg = preprocess_image(example["image"], rng, aligned=example["segmentation"],
-                                    **kwargs)
-      out = {"image": image, "segmentation": seg}
-    else:
-      out = {"image": preprocess_image(example["image"], rng, **kwargs)}
+    maps = {k: example[k] for k in ("segmentation", "mask") if k in example}
+    out = preprocess_image(example["image"], rng, size=d.image_size,
+                           resize_mode=d.resize_mode, random_crop=train and d.random_crop,
+                           random_flip=train and d.random_flip, aligned=maps,
+                           boxes=example.get("boxes"), box_classes=example.get("box_classes"),
+                           max_boxes=d.max_boxes, uint8=True)
+    if "segmentation" in out:
+      out["segmentation"] = out["segmentation"].astype(np.int32)
+    if "mask" in out:
+      out["mask"] = (np.asarray(out["mask"]) > 0).astype(np.uint8)
     if "label" in example:
       out["label"] = np.int32(example["label"])
     return out

@@ -12,7 +12,8 @@ import pytest
 
 from ldm_jax.checkpoint import load_inference
 from ldm_jax.data import sources
-from ldm_jax.data.preprocess import image_example_fn
+from ldm_jax.data.latent_cache import LatentCacheSource
+from ldm_jax.data.preprocess import image_example_fn, model_inputs
 from ldm_jax.data.sources import DataError
 from ldm_jax.errors import ConfigError
 from ldm_jax.training.loop import Trainer, train_and_evaluate
@@ -71,7 +72,7 @@ def test_scale_by_std_survives_resume_and_config_changes_are_checked(autoencoder
   try:
     stage, first = trainer.stage, trainer.stage.first
     batch = trainer.pipeline.batch_at(0)
-    posterior = first.encode(first.variables, jnp.asarray(batch["image"]))
+    posterior = first.encode(first.variables, model_inputs(batch)["image"])
     z = posterior.sample(jax.random.PRNGKey(0))
     want = 1.0 / float(jnp.std(z))
     scale = float(trainer.state.model_state["scale_factor"])
@@ -104,33 +105,35 @@ def test_scale_by_std_survives_resume_and_config_changes_are_checked(autoencoder
 
 @pytest.mark.slow  # compile-bound on CPU; run with -m slow
 def test_latent_cache_is_built_once_and_matches_the_encoder(autoencoder, tmp_path):
-  config = ldm_config(autoencoder, first_stage__precompute_latents=True,
-                      data__split="t10k[:40]", train__num_steps=2)
+  cached = dict(first_stage__precompute_latents=True, first_stage__latent_dtype="float32")
+  config = ldm_config(autoencoder, data__split="t10k[:40]", train__num_steps=2, **cached)
   history = train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert np.all(np.isfinite(losses(history)))
   cache = tmp_path / "latents"
-  latents = np.load(cache / "latents.npy")
+  source = LatentCacheSource(str(cache))
+  latents = np.stack([source[i]["latent"] for i in range(len(source))])
   assert latents.shape == (40, 8, 8, 6)  # KL moments [mean | logvar] on the 8x8 grid
-  labels = np.load(cache / "labels.npy")
+  labels = np.array([source[i]["label"] for i in range(len(source))])
   digits = sources.mnist_source(sources.packaged_mnist_dir(), "t10k")
   np.testing.assert_array_equal(labels, digits.labels[:40])
   trainer = Trainer(config, str(tmp_path / "check"), devices=jax.devices()[:1])
   try:
     first = trainer.stage.first
     x = image_example_fn(config.data, False)(digits[3], np.random.default_rng(0))["image"]
-    posterior = first.encode(first.variables, jnp.asarray(x)[None])
+    x = model_inputs({"image": jnp.asarray(x)[None]})["image"]
+    posterior = first.encode(first.variables, x)
     np.testing.assert_allclose(latents[3], np.concatenate(
         [posterior.mean[0], posterior.logvar[0]], -1), rtol=1e-4, atol=1e-5)
   finally:
     trainer.close()
-  mtime = os.path.getmtime(cache / "latents.npy")
-  train_and_evaluate(ldm_config(autoencoder, first_stage__precompute_latents=True,
-                                data__split="t10k[:40]", train__num_steps=3),
-                     str(tmp_path), devices=jax.devices()[:1])
-  assert os.path.getmtime(cache / "latents.npy") == mtime  # reused, not re-encoded
+  shard = cache / "shards" / "00000" / "latents.npy"
+  mtime = os.path.getmtime(shard)
+  train_and_evaluate(ldm_config(autoencoder, data__split="t10k[:40]", train__num_steps=3,
+                                **cached), str(tmp_path), devices=jax.devices()[:1])
+  assert os.path.getmtime(shard) == mtime  # reused, not re-encoded
   with pytest.raises(DataError, match="was built from"):
-    Trainer(ldm_config(autoencoder, first_stage__precompute_latents=True,
-                       data__split="t10k[:50]"), str(tmp_path), devices=jax.devices()[:1])
+    Trainer(ldm_config(autoencoder, data__split="t10k[:50]", **cached), str(tmp_path),
+            devices=jax.devices()[:1])
 
 
 @pytest.mark.slow  # compile-bound on CPU; run with -m slow
