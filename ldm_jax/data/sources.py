@@ -228,16 +228,7 @@ class TfdsSource(Source):
       builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     except Exception as e:
       raise DataError(f"data.tfds_name: cannot make tfds builder '{name}': {e}") from e
-    if not builder.is_prepared():
-      if not prepare:
-        raise DataError(f"data.tfds_name: '{name}' is not prepared in "
-                        f"{builder.data_dir}; set data.prepare=True to build it")
-      config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-      try:
-        builder.download_and_prepare(download_config=config)
-      except Exception as e:
-        raise DataError(f"data: preparing tfds '{name}' failed (data_dir='{data_dir}', "
-                        f"manual_dir='{manual_dir}'): {e}") from e
+    builder = _prepare_once(builder, name, data_dir, manual_dir, prepare)
     if builder.info.file_format is not None and "array_record" not in str(
         builder.info.file_format).lower():
       raise DataError(f"data.tfds_name: '{name}' in {builder.data_dir} is prepared as "
@@ -282,6 +273,38 @@ class TfdsSource(Source):
       text = value[0] if value.size else b""
       example["caption"] = text.decode("utf-8") if isinstance(text, bytes) else str(text)
     return example
+
+
+def _prepare_once(builder, name, data_dir, manual_dir, prepare):
+  """Prepares a tfds dataset on process 0 only; the other hosts wait at a barrier, then open
+  what it wrote (data_dir must be shared, like the workdir). Every host reaches the barrier,
+  prepared or not, so none waits for a host that skipped it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  failure = None
+  if jax.process_index() == 0 and not builder.is_prepared():
+    if not prepare:
+      failure = (f"data.tfds_name: '{name}' is not prepared in {builder.data_dir}; set "
+                 f"data.prepare=True to build it")
+    else:
+      config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+      try:
+        builder.download_and_prepare(download_config=config)
+      except Exception as e:  # tfds raises many types; the message names the cause
+        failure = (f"data: preparing tfds '{name}' failed (data_dir='{data_dir}', "
+                   f"manual_dir='{manual_dir}'): {e}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"ldm_jax tfds prepare {name}")
+  if failure is not None:
+    raise DataError(failure)
+  if jax.process_index() != 0:   # read what process 0 wrote, not what this host saw before
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  if not builder.is_prepared():
+    raise DataError(f"data.tfds_name: '{name}' is not prepared in {builder.data_dir} (process "
+                    f"0 prepares it: see its log; data.data_dir must be a folder every host "
+                    f"sees)")
+  return builder
 
 
 class Subset(Source):

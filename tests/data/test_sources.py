@@ -129,3 +129,15 @@ def test_tfds_array_record_source(tmp_path):
   with pytest.raises(DataError, match="is not prepared"):
     sources.TfdsSource("captioned_digits", "train", data_dir=str(tmp_path / "other"),
                        prepare=False)
+
+
+def test_only_process_0_prepares_a_tfds_dataset(tmp_path, monkeypatch):
+  """Another host never builds the dataset itself: it waits for process 0 (a barrier on
+  several hosts) and reads what it wrote, or says where process 0 should have written it."""
+  import jax
+  from tests.helpers import _captioned_digits_builder
+  _captioned_digits_builder()
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(DataError, match="process 0 prepares it"):
+    sources.TfdsSource("captioned_digits", "train", data_dir=str(tmp_path / "fresh"))
+  assert not any((tmp_path / "fresh").rglob("*.array_record*"))
