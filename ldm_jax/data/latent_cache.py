@@ -193,13 +193,15 @@ def _write_shard(directory: str, k: int, arrays: dict[str, np.ndarray], captions
 
 def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
                        fingerprint: dict, global_batch: int, batch_sharding, num_classes: int,
-                       shard_size: int = 4096, dtype: str = "bfloat16") -> LatentCacheSource:
+                       shard_size: int = 4096, dtype: str = "bfloat16", workers: int = 0,
+                       prefetch: int = 2) -> LatentCacheSource:
   """Encodes every example of `source` (in order) into shards, unless a finished matching
   cache exists; resumes an interrupted build of the same fingerprint.
 
   encode_fn(images) -> latents, traced inside a jit over the mesh; it gets float32 images in
   [-1, 1] whether example_fn returns uint8 or float images. Every array example_fn returns
-  besides 'image' and 'label' (a spatial condition) is stored too, as <name>.npy.
+  besides 'image' and 'label' (a spatial condition) is stored too, as <name>.npy. Images are
+  read ahead by `prefetch` threads or `workers` processes (data.workers, data.prefetch).
   """
   if dtype not in DTYPES:
     raise ConfigError(f"first_stage.latent_dtype: '{dtype}' is not one of {sorted(DTYPES)}")
@@ -250,16 +252,15 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
 
   plan = sorted({j for k in missing for j in range(span(k)[0] // global_batch,
                                                    -(-span(k)[1] // global_batch))})
-  pipe = InputPipeline(source, example_fn, global_batch=global_batch, seed=0, shuffle=False)
+  pipe = InputPipeline(source, example_fn, global_batch=global_batch, seed=0, shuffle=False,
+                       workers=workers, prefetch=prefetch)
+  reader = pipe.read(plan)   # read ahead (threads or worker processes) while the device encodes
   t0, written, encoded_examples = time.time(), 0, 0
   buffers: dict[int, dict[str, np.ndarray]] = {}   # host 0's shards being filled
   filled: dict[int, int] = {}
   try:
-    local = pipe.batch_at(plan[0] * global_batch) if plan else None
-    for i, j in enumerate(plan):
+    for j, local in zip(plan, reader):
       encoded = encode(to_global({"image": local["image"]}, batch_sharding)["image"])
-      # The device encodes (dispatched asynchronously) while this host prepares the next batch.
-      upcoming = pipe.batch_at(plan[i + 1] * global_batch) if i + 1 < len(plan) else None
       batch = {"latents": encoded}
       if "label" in local:
         batch["labels"] = local["label"]
@@ -267,7 +268,6 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
                     and np.asarray(v).dtype.kind in "biuf"})
       batch = {key: np.asarray(v) for key, v in
                multihost_utils.process_allgather(batch, tiled=True).items()}
-      local = upcoming
       if not lead:
         continue
       if manifest is None:
@@ -300,6 +300,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
           logger.info("latent cache: %d/%d shards written (%.0f examples/s)", written,
                       len(missing), encoded_examples / max(time.time() - t0, 1e-9))
   finally:
+    reader.close()
     pipe.close()
   if lead:
     fileio.atomic_write_text(marker, json.dumps({"count": n, "num_shards": num_shards,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from ldm_jax.data import conditions
 from ldm_jax.data.latent_cache import build_latent_cache
+from ldm_jax.data.pipeline import default_workers
 from ldm_jax.data.text import tokenizer_for
 from ldm_jax.first_stage import load_first_stage
 from ldm_jax.ldm import LatentDiffusion
@@ -88,7 +89,8 @@ class LatentDiffusionStage(Stage):
         lambda x: encode(variables, x), fingerprint=fingerprint,
         global_batch=c.train.batch_size, batch_sharding=batch,
         num_classes=self.ldm.num_classes, shard_size=c.first_stage.latent_shard_size,
-        dtype=c.first_stage.latent_dtype)
+        dtype=c.first_stage.latent_dtype, prefetch=c.data.prefetch,
+        workers=default_workers() if c.data.workers < 0 else c.data.workers)
 
   def example_fn(self, train: bool):
     return conditions.route_example_fn(self.config, train=train, latent_size=self.latent_size,

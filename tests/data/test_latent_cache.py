@@ -99,14 +99,15 @@ def test_an_interrupted_build_resumes_with_the_missing_shards_only(tmp_path):
   with pytest.raises(RuntimeError, match="interrupted"):
     _build(tmp_path / "cache", example_fn=counting)
   shards = tmp_path / "cache" / "shards"
-  assert sorted(os.listdir(shards)) == ["00000"]   # [0, 12) was complete when batch 3 failed
+  # Batches 0-2 ([0, 24)) were encoded before batch 3 failed: shards [0, 12) and [12, 24).
+  assert sorted(os.listdir(shards)) == ["00000", "00001"]
   assert not (tmp_path / "cache" / "complete.json").exists()
-  (shards / ".00001.123.abcd1234.tmp").mkdir()     # what a killed build leaves behind
+  (shards / ".00002.123.abcd1234.tmp").mkdir()     # what a killed build leaves behind
   calls.clear()
   limit[0] = N
   resumed = _build(tmp_path / "cache", example_fn=counting)
-  # Shards 1-3 ([12, 40)) lie in batches 1-4; batch 0 (in shard 0 only) is not read again.
-  assert len(calls) == 4 * BATCH
+  # Shards 2-3 ([24, 40)) lie in batches 3-4; batches 0-2 are not read again.
+  assert len(calls) == 2 * BATCH
   assert sorted(os.listdir(shards)) == ["00000", "00001", "00002", "00003"]
   straight = _all(_build(tmp_path / "straight"))
   for key, values in _all(resumed).items():
