@@ -27,6 +27,9 @@ class BadImageError(DataError):
     super().__init__(message)
     self.path = path
 
+  def __reduce__(self):   # pickled whole when it comes back from a data worker process
+    return type(self), (str(self), self.path)
+
 
 class CheckpointError(LdmJaxError, RuntimeError):
   """A checkpoint is missing, unreadable, or does not fit the model being restored."""

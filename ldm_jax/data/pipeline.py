@@ -237,6 +237,8 @@ class InputPipeline:
       if user is None:
         raise
       raise user from None
+    if self.workers:   # out of grain's shared memory now, so it is freed while the run goes on
+      batch = {k: np.array(v) for k, v in batch.items()}
     position = self._position
     self._position += self.global_batch
     self.skipped += len(bad)

@@ -139,7 +139,12 @@ def decode_image(path: str, channels: int) -> np.ndarray:
       im.load()
       image = np.asarray(im.convert("L" if channels == 1 else "RGB"), np.uint8)
   except Exception as e:  # PIL raises many types for bad files
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not data:
+      reason = "the file is empty (0 bytes)"
+    elif isinstance(e, Image.UnidentifiedImageError):
+      reason = "not an image format Pillow reads"
+    else:
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise BadImageError(f"data: cannot read image '{path}': {reason}", path) from e
   return _to_channels(image, channels)
 

@@ -212,6 +212,10 @@ def test_error_names_the_bad_file_when_its_batch_is_asked_for():
   # The state still points at the failing batch: a rerun loses nothing before it.
   assert pipe.get_state()["position"] == 5 * handed
   pipe.close()
+  # It crosses from a worker process whole (grain pickles it), path included.
+  import pickle
+  again = pickle.loads(pickle.dumps(BadImageError("data: cannot read image 'x.jpg'", "x.jpg")))
+  assert isinstance(again, BadImageError) and again.path == "x.jpg" and "x.jpg'" in str(again)
 
 
 def test_device_prefetch_state_counts_only_the_batches_handed_out():
