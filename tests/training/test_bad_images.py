@@ -40,7 +40,6 @@ def _train(folder, workdir, on_bad_image, steps, ckpt_every=1):
   return train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
 
 
-@pytest.mark.slow   # 25 s; tests/data/test_pipeline.py checks skip + resume in the default run
 def test_skip_counts_both_files_and_resumes_exactly(tmp_path, tiny_ae_six_steps):
   del tiny_ae_six_steps   # compiles the programs these runs share
   folder = _folder(tmp_path / "images")
