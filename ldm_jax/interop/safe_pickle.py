@@ -210,17 +210,45 @@ _REBUILDERS = {
 }
 
 
-class SafeUnpickler(pickle.Unpickler):
-  """Unpickles the object of a torch checkpoint from the allow-list of the module docstring."""
+class ScriptModule:
+  """Stand-in of a TorchScript module class (`__torch__.<...>`) in a TorchScript archive's
+  data.pkl: keeps the attributes the pickle gives it (tensors, child modules, numbers), never
+  the class's code."""
 
-  def __init__(self, file, reader, path: str):
+  def __init__(self, *args):
+    del args
+    self.attributes: dict = {}
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise ConversionError(f"a TorchScript module's state is a {type(state).__name__}")
+    self.attributes = state
+
+
+# TorchScript's pickles wrap lists and type tags in these; each returns the plain value.
+_SCRIPT_HELPERS = {
+    **{f"torch.jit._pickle.build_{kind}list": list
+       for kind in ("int", "double", "bool", "tensor", "generic")},
+    "torch.jit._pickle.restore_type_tag": lambda value, type_str: value,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+  """Unpickles the object of a torch checkpoint from the allow-list of the module docstring;
+  with `script=True` also TorchScript module classes, as ScriptModule stand-ins."""
+
+  def __init__(self, file, reader, path: str, script: bool = False):
     super().__init__(file)
-    self.reader, self.path = reader, path
+    self.reader, self.path, self.script = reader, path, script
     self.storages: dict[str, _Storage] = {}
     self.inert: dict[str, type] = {}
 
   def find_class(self, module, name):
     full = f"{module}.{name}"
+    if self.script and module.startswith("__torch__."):
+      return type(name, (ScriptModule,), {"global_name": full})
+    if self.script and full in _SCRIPT_HELPERS:
+      return _SCRIPT_HELPERS[full]
     if full in _REBUILDERS:
       return _REBUILDERS[full]
     if module == "torch" and name in _STORAGES:
@@ -341,6 +369,39 @@ def _read(path: str, is_zip: bool) -> dict[str, np.ndarray]:
   with open(path, "rb") as f:
     reader = _LegacyReader(f, path)
     return _arrays(reader.load(), path, reader.big_endian)
+
+
+def _module_tensors(module: ScriptModule, prefix: str, big_endian: bool, out: dict):
+  for key, value in module.attributes.items():
+    if isinstance(value, TensorRef):
+      out[prefix + key] = value.array(big_endian)
+    elif isinstance(value, ScriptModule):
+      _module_tensors(value, f"{prefix}{key}.", big_endian, out)
+  return out
+
+
+def load_script_tensors(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a TorchScript archive (torch.jit.save) by dotted attribute name
+  ('net.layers.conv.weight'), read like load_state_dict: the module classes become inert
+  stand-ins and the archive's code is never run (nor read)."""
+  try:
+    zf = zipfile.ZipFile(path)
+  except (OSError, zipfile.BadZipFile) as e:
+    raise ConversionError(f"'{path}' is not a TorchScript archive ({_one_line(e)})") from None
+  try:
+    with zf:
+      reader = _ZipReader(zf, path)
+      with zf.open(reader.prefix + "data.pkl") as f:
+        root = SafeUnpickler(f, reader, path, script=True).load()
+      if not isinstance(root, ScriptModule):
+        raise ConversionError(f"'{path}' holds a {type(root).__name__}, not a TorchScript "
+                              f"module")
+      return _module_tensors(root, "", reader.big_endian, {})
+  except ConversionError as e:
+    message = str(e)
+    raise ConversionError(message if path in message else f"'{path}': {message}") from None
+  except Exception as e:  # pylint: disable=broad-except  # anything a damaged file raises
+    raise ConversionError(f"'{path}' is a damaged TorchScript archive ({_one_line(e)})") from None
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:

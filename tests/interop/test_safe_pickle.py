@@ -109,6 +109,8 @@ def _storages(obj, found):
     found[obj.key] = obj
   elif isinstance(obj, Call):
     _storages(obj.args, found)
+  elif isinstance(obj, NewObj):
+    _storages(obj.state, found)
   elif isinstance(obj, dict):
     for k, v in obj.items():
       _storages(k, found)
