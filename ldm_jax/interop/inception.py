@@ -23,9 +23,9 @@ from ldm_jax.evaluation.inception import SIZE, InceptionV3
 _BN = {"weight": "scale", "bias": "beta", "running_mean": "mean", "running_var": "var"}
 _STEM = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
          "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
-_MIXED = {"Mixed_5b": "mixed", "Mixed_5c": "mixed_1", "Mixed_5d": "mixed_2", "Mixed_6a": "mixed_3",
-          "Mixed_6b": "mixed_4", "Mixed_6c": "mixed_5", "Mixed_6d": "mixed_6", "Mixed_6e": "mixed_7",
-          "Mixed_7a": "mixed_8", "Mixed_7b": "mixed_9", "Mixed_7c": "mixed_10"}
+_MIXED = {tv: "mixed" if i == 0 else f"mixed_{i}" for i, tv in enumerate(
+    ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"))}
 
 
 def _tower(name: str, i: int) -> str:
