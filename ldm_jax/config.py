@@ -105,7 +105,8 @@ _COMMON = {
                           "checkpoint of the last completed step and stops, naming the file; "
                           "'skip' logs it once, counts it (metric data/skipped_files) and uses "
                           "another example chosen from (seed, position), so resumes stay "
-                          "exact.", choices=("error", "skip")),
+                          "exact. Multi-host runs should skip: with 'error' only the host that "
+                          "read the file stops at once.", choices=("error", "skip")),
     },
     "train": {
         "batch_size": F(64, "Global batch size over all hosts and devices (per optimizer "

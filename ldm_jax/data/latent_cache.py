@@ -194,7 +194,7 @@ def _write_shard(directory: str, k: int, arrays: dict[str, np.ndarray], captions
 def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
                        fingerprint: dict, global_batch: int, batch_sharding, num_classes: int,
                        shard_size: int = 4096, dtype: str = "bfloat16", workers: int = 0,
-                       prefetch: int = 2) -> LatentCacheSource:
+                       prefetch: int = 2, on_bad_image: str = "error") -> LatentCacheSource:
   """Encodes every example of `source` (in order) into shards, unless a finished matching
   cache exists; resumes an interrupted build of the same fingerprint.
 
@@ -253,7 +253,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   plan = sorted({j for k in missing for j in range(span(k)[0] // global_batch,
                                                    -(-span(k)[1] // global_batch))})
   pipe = InputPipeline(source, example_fn, global_batch=global_batch, seed=0, shuffle=False,
-                       workers=workers, prefetch=prefetch)
+                       workers=workers, prefetch=prefetch, on_bad_image=on_bad_image)
   reader = pipe.read(plan)   # read ahead (threads or worker processes) while the device encodes
   t0, written, encoded_examples = time.time(), 0, 0
   buffers: dict[int, dict[str, np.ndarray]] = {}   # host 0's shards being filled

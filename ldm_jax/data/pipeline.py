@@ -44,9 +44,10 @@ _SUBSTITUTE_TRIES = 32
 
 
 def default_workers() -> int:
-  """Worker processes when data.workers = -1: a quarter of the host's cores (at most 16); none
-  on small machines, where processes only compete with the training step for the cores."""
-  cores = os.cpu_count() or 1
+  """Worker processes when data.workers = -1: a quarter of the cores this process may use (at
+  most 16); none on small machines, where processes only compete with the step for the cores."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+      os.cpu_count() or 1)
   return 0 if cores < 8 else min(16, cores // 4)
 
 
@@ -205,7 +206,8 @@ class InputPipeline:
                                               prefetch_buffer_size=self.prefetch))
     if self.workers:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                       per_worker_buffer_size=self.prefetch))
+                                                       per_worker_buffer_size=self.prefetch),
+                          worker_init_fn=_ignore_stop_signals)
     return iter(ds)
 
   def read(self, batch_numbers) -> Iterator[dict[str, np.ndarray]]:
@@ -305,10 +307,12 @@ class DevicePrefetch:
 
 
 def eval_batches(source: Source, example_fn: ExampleFn, *, global_batch: int, num_batches: int,
-                 seed: int, process_index: int | None = None, process_count: int | None = None):
+                 seed: int, process_index: int | None = None, process_count: int | None = None,
+                 on_bad_image: str = "error"):
   """The same `num_batches` held-out batches every time (first examples, fixed RNG), per host."""
   pipe = InputPipeline(source, example_fn, global_batch=global_batch, seed=seed, shuffle=False,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count,
+                       on_bad_image=on_bad_image)
   try:
     for i in range(num_batches):
       yield pipe.batch_at(i * global_batch)
@@ -322,6 +326,16 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding):
     global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
   return jax.tree_util.tree_map(one, batch)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int):
+  """In each data worker: Ctrl-C and SIGTERM (sent to the whole process group by terminals and
+  schedulers) are the trainer's to handle, which saves a checkpoint first and then stops the
+  workers through close(); a worker killed by them would end the run before that save."""
+  del worker_index, worker_count
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _absl_flags_parsed():

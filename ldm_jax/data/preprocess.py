@@ -200,7 +200,7 @@ def image_example_fn(data_config, train: bool):
                            resize_mode=d.resize_mode, random_crop=train and d.random_crop,
                            random_flip=train and d.random_flip, aligned=maps,
                            boxes=example.get("boxes"), box_classes=example.get("box_classes"),
-                           max_boxes=d.max_boxes, uint8=True)
+                           max_boxes=d.get("max_boxes", 16), uint8=True)   # older configs
     if "segmentation" in out:
       out["segmentation"] = out["segmentation"].astype(np.int32)
     if "mask" in out:

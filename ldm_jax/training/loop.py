@@ -188,7 +188,8 @@ class Trainer:
     first = self.pipeline.batch_at(0)
     self.abstract_batch = _abstract_batch(first, self.batch_sharding)
     rng = jax.random.PRNGKey(c.seed)
-    abstract_state = jax.eval_shape(self.stage.init, rng, self.abstract_batch)
+    init_fn = lambda rng, batch: self.stage.init(rng, model_inputs(batch))  # noqa: E731
+    abstract_state = jax.eval_shape(init_fn, rng, self.abstract_batch)
     self.state_shardings = self._shardings(abstract_state)
     self.frozen_shardings = self._shardings(self.stage.frozen)
     self.frozen = jax.device_put(self.stage.frozen, self.frozen_shardings)
@@ -207,10 +208,12 @@ class Trainer:
                                 f"model than step {self._resume_step}, which was damaged and "
                                 f"moved aside; run the same command again to resume from it")
       self.pipeline.set_state(meta["data"])
+      if jax.process_index() != 0:   # the saved count is all hosts'; host 0 carries it on
+        self.pipeline.skipped = 0
       logger.info("resumed from %s/checkpoints step %d", self.workdir, step)
     else:
-      init = jax.jit(lambda rng, batch: self.stage.init(rng, model_inputs(batch)),
-                     out_shardings=self.state_shardings, compiler_options=run_once_options())
+      init = jax.jit(init_fn, out_shardings=self.state_shardings,
+                     compiler_options=run_once_options())
       state = init(rng, to_global(first, self.batch_sharding))
       prepare = jax.jit(_on_model_inputs(self.stage.prepare), out_shardings=self.state_shardings)
       self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)
@@ -251,6 +254,8 @@ class Trainer:
   # -- the loop --------------------------------------------------------------------------------
   def _meta(self) -> dict[str, Any]:
     data = (self.batches or self.pipeline).get_state()
+    if self.batches is not None and self.config.data.on_bad_image == "skip":
+      data["skipped"] = self._skipped_files()   # every host saves: all hosts' files, summed
     return {"format": CHECKPOINT_FORMAT, "data": data,
             "stage": self.config.stage, "config": json.loads(self.config.to_json_best_effort()),
             "model": self.stage.describe()}
@@ -268,7 +273,7 @@ class Trainer:
     results = []
     for local in eval_batches(self.eval_source, self.stage.example_fn(train=False),
                               global_batch=c.train.batch_size, num_batches=c.train.eval_batches,
-                              seed=c.seed):
+                              seed=c.seed, on_bad_image=c.data.on_bad_image):
       results.append(jax.device_get(self.eval_step(self.state, to_global(
           local, self.batch_sharding), self.frozen)))
     out = {f"eval/{k}": v for k, v in _mean_metrics(results).items()}
@@ -311,6 +316,8 @@ class Trainer:
     stop = False
     logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
                 self.workdir)
+    if self.batches is not None:   # a second train(): continue after the batches used
+      self.pipeline.set_state(self.batches.get_state())
     self.batches = DevicePrefetch(self.pipeline, self.batch_sharding)
     try:
       while step < t.num_steps:
@@ -395,7 +402,8 @@ class Trainer:
       return train_batch
     local = next(eval_batches(self.eval_source, self.stage.example_fn(train=False),
                               global_batch=self.config.train.batch_size, num_batches=1,
-                              seed=self.config.seed))
+                              seed=self.config.seed,
+                              on_bad_image=self.config.data.on_bad_image))
     return to_global(local, self.batch_sharding)
 
   def close(self):

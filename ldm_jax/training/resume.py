@@ -32,7 +32,13 @@ RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_
                   "unet.dropout", "cond.p_uncond")
 # Fields the new config may lack in old checkpoints' configs (added since), with the value the
 # old code behaved as.
-ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5}
+ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5,
+                "data.workers": -1, "data.on_bad_image": "error", "data.index_dir": "",
+                "data.rebuild_index": False, "data.mask_dir": "", "data.segmentation_dir": "",
+                "data.max_boxes": 16}
+# Fields old checkpoints' configs may hold that no longer exist (data.num_threads: grain's
+# data.workers replaced the thread pool).
+REMOVED_FIELDS = ("data.num_threads",)
 
 
 def is_architecture(path: str) -> bool:
@@ -48,7 +54,7 @@ def changed_fields(saved: dict, current) -> dict[str, tuple]:
   now = flatten_tree(current)
   then = flatten_tree(saved)
   out = {}
-  for path in sorted(set(now) | set(then)):
+  for path in sorted((set(now) | set(then)) - set(REMOVED_FIELDS)):
     old = then.get(path, ADDED_FIELDS.get(path))
     new = now.get(path)
     if old != new:

@@ -90,6 +90,7 @@ class LatentDiffusionStage(Stage):
         global_batch=c.train.batch_size, batch_sharding=batch,
         num_classes=self.ldm.num_classes, shard_size=c.first_stage.latent_shard_size,
         dtype=c.first_stage.latent_dtype, prefetch=c.data.prefetch,
+        on_bad_image=c.data.on_bad_image,
         workers=default_workers() if c.data.workers < 0 else c.data.workers)
 
   def example_fn(self, train: bool):
