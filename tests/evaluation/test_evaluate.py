@@ -1,0 +1,87 @@
+"""python -m ldm_jax.evaluate on real images: one JSON line, cached reference statistics, the
+published mu/sigma format, and extraction sharded over 8 devices equal to one device."""
+import json
+import os
+import tarfile
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from ldm_jax.data.sources import ArraySource
+from ldm_jax.errors import DataError
+from ldm_jax.evaluate import main as evaluate_main
+from ldm_jax.evaluation import features, inception
+from tests.conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+  """Two folders of 8 CIFAR-10 test JPEGs: 'a' (images 0-7) and 'b' (images 8-15)."""
+  archive = SHARED_DATA / "cifar10" / "cifar10-test-jpeg.tar.gz"
+  if not archive.exists():
+    pytest.skip(f"{archive} not found")
+  root = tmp_path_factory.mktemp("fid")
+  n = 0
+  with tarfile.open(archive) as tar:
+    for member in tar:
+      if member.isfile() and n < 16:
+        folder = root / ("a" if n < 8 else "b")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{n:02d}.jpg").write_bytes(tar.extractfile(member).read())
+        n += 1
+  return root
+
+
+def _run(args, capsys):
+  evaluate_main(args)
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_scores_folders_caches_the_reference_and_reads_published_stats(
+    cifar, inception_weights, tmp_path, capsys, caplog):
+  common = ["--weights", inception_weights, "--cache_dir", str(tmp_path / "cache"),
+            "--batch_size", "8"]
+  same = _run(["--samples", str(cifar / "a"), "--reference", str(cifar / "a"),
+               "--out", str(tmp_path / "same")] + common, capsys)
+  other = _run(["--samples", str(cifar / "b"), "--reference", str(cifar / "a"),
+                "--out", str(tmp_path / "other")] + common, capsys)
+  assert abs(same["fid"]) < 1e-3 and other["fid"] > 50.0   # a set against itself: 0
+  assert same["precision"] == same["recall"] == 1.0 and same["num_samples"] == 8
+  assert "kid" in other and "inception_score" not in other   # default_1 has no logits
+  assert json.loads((tmp_path / "other" / "metrics.json").read_text())["fid"] == other["fid"]
+  assert any("reference statistics from" in r.getMessage() for r in caplog.records)  # cached
+  # A published-style statistics file (mu, sigma only) gives the same FID.
+  cached = next((tmp_path / "cache").glob("reference-*.npz"))
+  with np.load(cached) as data:
+    np.savez(tmp_path / "stats.npz", mu=data["mu"], sigma=data["sigma"])
+  published = _run(["--samples", str(cifar / "b"), "--reference", str(tmp_path / "stats.npz"),
+                    "--out", str(tmp_path / "published")] + common, capsys)
+  assert published["fid"] == pytest.approx(other["fid"], rel=1e-9)
+  assert "kid" not in published
+
+
+def test_extraction_sharded_over_8_devices_equals_one_device(cifar, inception_weights):
+  images = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                     for p in sorted((cifar / "b").iterdir())])
+  source = ArraySource(images[:5])          # 5 images: padded to the batch of 8
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  sharded = features.extract(source, inception.FeatureExtractor(
+      inception_weights, NamedSharding(mesh, P("batch"))), batch_size=8)["pool"]
+  one = inception.FeatureExtractor(inception_weights)(
+      np.stack([features.resize_299(im) for im in images[:5]]))["pool"]
+  assert jax.device_count() == 8 and sharded.shape == (5, 2048)
+  np.testing.assert_allclose(sharded, one, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_one_line(tmp_path, inception_weights):
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_main(["--samples", str(tmp_path / "missing"), "--reference", str(tmp_path),
+                   "--weights", inception_weights, "--out", str(tmp_path / "o")])
+  assert exit_info.value.code == 2
+  with pytest.raises(DataError, match="no 'mu' and 'sigma'"):
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    features.read_statistics(str(tmp_path / "x.npz"))
+  assert os.path.exists(inception_weights)
