@@ -143,6 +143,13 @@ _COMMON = {
         "eval_every": F(1000, "Evaluate on `data.eval_split` every N steps (needs eval_split)."),
         "eval_batches": F(4, "Batches of `train.batch_size` held-out images per evaluation."),
         "image_every": F(1000, "Write image summaries every N steps (0 = never)."),
+        "inception_weights": F("", "Converted FID Inception weights (.npz; `python -m "
+                               "ldm_jax.interop.convert inception`): every evaluation then "
+                               "also logs eval/rfid (stage 1: reconstructions vs originals) or "
+                               "eval/fid (stage 2: samples with the batches' conditions vs "
+                               "their images) over `fid_samples` held-out images. '' = off."),
+        "fid_samples": F(1000, "Held-out images per (r)FID, rounded up to whole batches; the "
+                         "same ones (and the same noise) at every evaluation."),
         "num_summary_images": F(8, "Images per image summary."),
     },
 }

@@ -12,7 +12,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIS = ("ldm_jax.cli", "ldm_jax.export", "ldm_jax.quickstart", "ldm_jax.interop.convert",
-        "train", "sample")
+        "ldm_jax.evaluate", "train", "sample")
 # Each lower layer (a module or package prefix) must not import these (modules or packages).
 FORBIDDEN = {
     **{low: ("ldm_jax.training", "ldm_jax.inference", "ldm_jax.interop", "ldm_jax.sampling_job",

@@ -27,6 +27,7 @@ from ldm_jax.errors import BadImageError, CheckpointError, DataError, Preempted,
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import sharding as sharding_lib
 from ldm_jax.training import reporting
+from ldm_jax.training.fid import TrainingFid
 from ldm_jax.training.resume import check_resume_config
 from ldm_jax.training.stage1 import AutoencoderStage
 from ldm_jax.training.stage2 import LatentDiffusionStage
@@ -174,6 +175,15 @@ class Trainer:
                                   shuffle=c.data.shuffle, workers=workers,
                                   prefetch=c.data.prefetch, on_bad_image=c.data.on_bad_image)
     self.batches: DevicePrefetch | None = None   # started by train(), after any resume
+    self.fid = None
+    if c.train.inception_weights:
+      if self.eval_source is None:
+        raise config_lib.ConfigError("train.inception_weights: (r)FID is computed on the "
+                                     "held-out split; set data.eval_split")
+      self.fid = TrainingFid(c.train.inception_weights, self.mesh, self.eval_source,
+                             self.stage.example_fn(train=False), batch_size=c.train.batch_size,
+                             num_samples=c.train.fid_samples, seed=c.seed,
+                             on_bad_image=c.data.on_bad_image)
     logger.info("training data: %s (%s)", self.train_source.description,
                 f"{workers} worker processes" if workers else "read in this process")
     if self.eval_source is not None:
@@ -233,6 +243,9 @@ class Trainer:
                              out_shardings=rep)
     self.summary_fn = jax.jit(_on_model_inputs(self.stage.summaries), in_shardings=(st, bt, fr),
                               out_shardings=rep)
+    if self.fid is not None:
+      self.generate_fn = jax.jit(_on_model_inputs(self.stage.generate),
+                                 in_shardings=(st, bt, fr), out_shardings=(bt, bt))
     # Whether every float of a state (params, optimizer state, EMA, model state) is finite: run
     # after each step as its own small program, so the step's program (and its numbers) is as
     # the stage wrote it.
@@ -277,6 +290,8 @@ class Trainer:
       results.append(jax.device_get(self.eval_step(self.state, to_global(
           local, self.batch_sharding), self.frozen)))
     out = {f"eval/{k}": v for k, v in _mean_metrics(results).items()}
+    if self.fid is not None:
+      out[f"eval/{self.stage.fid_name}"] = self.fid(self.generate_fn, self.state, self.frozen)
     self.writer.write_scalars(step, out)
     logger.info("eval at step %d: %s", step, _fmt(out))
     return out

@@ -248,6 +248,15 @@ class AutoencoderStage(Stage):
       out["lpips"] = jnp.mean(self.lpips.apply({"params": frozen["lpips"]}, x, x_rec))
     return out
 
+  fid_name = "rfid"
+
+  def generate(self, state, batch, frozen):
+    """(originals, reconstructions) of a held-out batch, for rFID (training/fid.py)."""
+    del frozen
+    x = batch["image"]
+    x_rec, _ = reconstruct(self.ae, self.eval_variables(state), x, self.is_vq)
+    return x, jnp.clip(x_rec, -1.0, 1.0)
+
   def summaries(self, state, batch, frozen):
     n = self.config.train.num_summary_images
     x = batch["image"][:n]

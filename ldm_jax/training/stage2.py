@@ -154,6 +154,18 @@ class LatentDiffusionStage(Stage):
                                   train=False, p_uncond=0.0)
     return {"loss": loss}
 
+  fid_name = "fid"
+
+  def generate(self, state, batch, frozen):
+    """(the batch's images, samples with its conditions and fixed noise), for FID
+    (training/fid.py)."""
+    scale = state.model_state["scale_factor"]
+    r_noise, r_sample = jax.random.split(jax.random.PRNGKey(0))
+    x_T = jax.random.normal(r_noise, self.ldm.latent_shape(batch["image"].shape[0]))
+    z = self.ldm.sample(self.eval_params(state), frozen["autoencoder"], scale, batch, x_T,
+                        r_sample)
+    return batch["image"], jnp.clip(self.ldm.decode(frozen["autoencoder"], z, scale), -1.0, 1.0)
+
   def summaries(self, state, batch, frozen):
     """A grid of samples with the batch's conditions (guided if configured), below the batch's
     own images when it has them."""
