@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,20 +199,12 @@ def preprocess(images) -> jax.Array:
 
 
 def load_params(path: str) -> dict:
-  """The parameter tree of a converted weights file (.npz of '/'-joined names), and whether it
-  has logits; a missing file is one line saying which file to get and where it ships."""
+  """The parameter tree of a converted weights file (.npz of '/'-joined names); a missing file
+  is one line saying which file to get and where it ships."""
   if not path or not os.path.exists(path):
     raise WeightsNotFound(f"Inception weights '{path}' not found: {WEIGHTS_HINT}")
   with np.load(path) as data:
-    flat = {k: np.asarray(data[k]) for k in data.files}
-  params: dict = {}
-  for name, value in flat.items():
-    node = params
-    *parents, leaf = name.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return params
+    return traverse_util.unflatten_dict({k: np.asarray(data[k]) for k in data.files}, sep="/")
 
 
 class FeatureExtractor:

@@ -111,3 +111,17 @@ def test_training_fid_is_zero_for_the_images_themselves_and_grows_with_damage(
   real = fid.real_stats
   small, large = fid(generator(0.1), None, None), fid(generator(0.4), None, None)
   assert fid.real_stats is real and 1.0 < small < large
+
+
+def test_checkpoint_is_sampled_by_the_resumable_job_then_scored(class_ldm, inception_weights,
+                                                                  cifar, tmp_path, capsys):
+  """--checkpoint: the tiny class LDM's sampling job writes <out>/samples (grey 16 px digits,
+  one per class), which are scored against a folder; a rerun resumes the finished job."""
+  _, workdir = class_ldm
+  args = ["--checkpoint", workdir, "--per_class", "1", "--steps", "2", "--sample_batch_size",
+          "8", "--reference", str(cifar / "a"), "--weights", inception_weights, "--out",
+          str(tmp_path / "eval"), "--batch_size", "8", "--metrics", "fid,pr"]
+  first = _run(args, capsys)
+  assert first["num_samples"] == 10 and np.isfinite(first["fid"]) and "kid" not in first
+  assert len(list((tmp_path / "eval" / "samples" / "images").glob("*.png"))) == 10
+  assert _run(args, capsys)["fid"] == pytest.approx(first["fid"], rel=1e-9)
