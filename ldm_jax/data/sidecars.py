@@ -23,7 +23,7 @@ import posixpath
 import numpy as np
 from PIL import Image
 
-from ldm_jax.errors import DataError
+from ldm_jax.errors import BadImageError, DataError
 
 CAPTIONS_FILE = "captions.jsonl"
 
@@ -138,7 +138,8 @@ def _decode_png(path: str, what: str, field: str) -> Image.Image:
     im.load()
     return im
   except Exception as e:  # PIL raises many types for bad files
-    raise DataError(f"data.{field}: cannot decode {what} '{path}': {e}") from e
+    # A damaged file, like a damaged image: data.on_bad_image skips its example or stops.
+    raise BadImageError(f"data.{field}: cannot decode {what} '{path}': {e}", path) from e
 
 
 def _check_size(array: np.ndarray, path: str, image_path: str, shape, what: str, field: str):

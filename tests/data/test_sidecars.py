@@ -8,7 +8,7 @@ from PIL import Image
 
 from ldm_jax import config as config_lib
 from ldm_jax.data import preprocess, sidecars, sources
-from ldm_jax.errors import DataError
+from ldm_jax.errors import BadImageError, DataError
 
 
 def _save(path, array):
@@ -90,6 +90,11 @@ def test_mask_errors_name_both_files(tmp_path):
   with pytest.raises(DataError, match=r"data.mask_dir: mask '.*1.png' is 10x10 but image "
                      r"'.*1.jpg' is 48x32"):
     src[1]
+  # A damaged sidecar is a bad file like a damaged image (data.on_bad_image applies).
+  (tmp_path / "labels" / "train" / "0.png").write_bytes(b"\x89PNG broken")
+  with pytest.raises(BadImageError, match=r"data.segmentation_dir: cannot decode") as bad:
+    src[0]
+  assert bad.value.path.endswith("0.png")
   (tmp_path / "labels" / "train" / "0.png").unlink()
   with pytest.raises(DataError, match=r"data.segmentation_dir: no segmentation map '.*0.png'"):
     src[0]
