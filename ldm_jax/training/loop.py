@@ -331,12 +331,23 @@ class Trainer:
     stop = False
     logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
                 self.workdir)
+    def log(step: int, host: list):
+      """Writes the mean of the host metrics of the steps since the last log line."""
+      mean = _mean_metrics([_logged(m) for _, m in host])
+      if c.data.on_bad_image == "skip":
+        mean["data/skipped_files"] = float(self._skipped_files())
+      self.writer.write_scalars(step, mean)
+      metrics_log.write(step, mean)
+      history.append({"step": step, **mean})
+      logger.info("step %d: %s", step, _fmt(mean))
+      progress(step)
+
     if self.batches is not None:   # a second train(): continue after the batches used
       self.pipeline.set_state(self.batches.get_state())
     self.batches = DevicePrefetch(self.pipeline, self.batch_sharding)
     try:
       while step < t.num_steps:
-        batch = self._next_batch(step, pending)
+        batch = self._next_batch(step, pending, log)
         self.state, metrics = self.train_step(self.state, batch, self.frozen)
         metrics = dict(metrics, state_finite=self.finite_fn(self.state))
         step += 1
@@ -357,14 +368,7 @@ class Trainer:
           _check_finite(host, self.last_saved, self.workdir)  # before any save of this state
           self.checkpointer.check()   # a failed background save stops the run now
           if flush:
-            mean = _mean_metrics([_logged(m) for _, m in host])
-            if c.data.on_bad_image == "skip":
-              mean["data/skipped_files"] = float(self._skipped_files())
-            self.writer.write_scalars(step, mean)
-            metrics_log.write(step, mean)
-            history.append({"step": step, **mean})
-            logger.info("step %d: %s", step, _fmt(mean))
-            progress(step)
+            log(step, host)
         if ckpt:
           self.save(step, force=True)
         if self.eval_source is not None and (step % t.eval_every == 0 or step == t.num_steps):
@@ -385,18 +389,20 @@ class Trainer:
                       f"again to resume", step=step, history=history)
     return history
 
-  def _next_batch(self, step: int, pending: list):
-    """The next global batch. An unreadable image (data.on_bad_image='error') first saves the
-    completed step (one host: saves are collective on several, so there the last periodic
-    checkpoint stands), so fixing the file and rerunning loses nothing."""
+  def _next_batch(self, step: int, pending: list, log):
+    """The next global batch. An unreadable image (data.on_bad_image='error') first logs the
+    steps not logged yet and saves the completed step (one host: saves are collective on
+    several, so there the last periodic checkpoint stands), so a rerun loses nothing."""
     try:
       return next(self.batches)
     except BadImageError as e:
       saved = f"the last checkpoint is step {self.last_saved}"
       if step > 0 and jax.process_count() == 1:
+        host = [(s, jax.device_get(m)) for s, m in pending]
+        _check_finite(host, self.last_saved, self.workdir)
+        if host:
+          log(step, host)
         if self.last_saved != step:
-          _check_finite([(s, jax.device_get(m)) for s, m in pending], self.last_saved,
-                        self.workdir)
           self.checkpointer.check()
           self.save(step, force=True)
           self.checkpointer.wait()

@@ -32,9 +32,10 @@ def _folder(root):
   return root
 
 
-def _train(folder, workdir, on_bad_image, steps, ckpt_every=1):
+def _train(folder, workdir, on_bad_image, steps, ckpt_every=1, log_every=1):
   c = small_config(**ONE_DEVICE, train__num_steps=steps, train__ckpt_every=ckpt_every,
-                   train__keep_checkpoints=10, data__on_bad_image=on_bad_image)
+                   train__log_every=log_every, train__keep_checkpoints=10,
+                   data__on_bad_image=on_bad_image)
   c.data.source, c.data.path, c.data.split = "image_folder", str(folder), ""
   c.data.shuffle = False
   return train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
@@ -64,7 +65,8 @@ def test_error_names_the_file_saves_the_completed_step_and_a_rerun_resumes(tmp_p
   folder = _folder(tmp_path / "images")
   workdir = tmp_path / "run"
   with pytest.raises(DataError) as error:
-    _train(folder, workdir, "error", 3, ckpt_every=100)   # no periodic save before it
+    # No periodic save or log line before it: step 1 is logged and saved on the way out.
+    _train(folder, workdir, "error", 3, ckpt_every=100, log_every=2)
   message = str(error.value)
   assert "\n" not in message and "zz_" in message and ".jpg" in message
   assert f"saved checkpoint '{workdir}/checkpoints/1'" in message
@@ -73,7 +75,7 @@ def test_error_names_the_file_saves_the_completed_step_and_a_rerun_resumes(tmp_p
   for bad in folder.glob("zz_*"):   # the user removes the bad files and reruns
     bad.unlink()
   caplog.set_level("INFO", logger="ldm_jax")
-  history = _train(folder, workdir, "error", 3, ckpt_every=100)
+  history = _train(folder, workdir, "error", 3, ckpt_every=100, log_every=2)
   assert any("resumed from" in r.getMessage() and "step 1" in r.getMessage()
              for r in caplog.records)
   assert [h["step"] for h in history] == [2, 3]
