@@ -98,9 +98,10 @@ _COMMON = {
         "workers": F(-1, "grain worker processes decoding and augmenting batches on each "
                      "host; 0 = threads in the training process; -1 = a quarter of the "
                      "host's cores, at most 16 (0 below 8 cores)."),
-        "prefetch": F(2, "Batches prepared ahead of the training step on each host (by as "
-                      "many threads per process); one more batch is always on its way to the "
-                      "devices while a step runs."),
+        "prefetch": F(2, "Batches prepared ahead of the training step on each host, by as "
+                      "many threads per process; with worker processes each worker holds that "
+                      "many too (host memory: about (workers + 1) x prefetch batches). One "
+                      "more batch is always on its way to the devices while a step runs."),
         "on_bad_image": F("error", "An image that cannot be decoded: 'error' saves a "
                           "checkpoint of the last completed step and stops, naming the file; "
                           "'skip' logs it once, counts it (metric data/skipped_files) and uses "
