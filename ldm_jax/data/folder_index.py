@@ -292,9 +292,12 @@ def open_index(root: str, index_dir: str = "", rebuild: bool = False) -> FolderI
   if processes == 1 or jax.process_index() == 0:
     try:
       index = _current_or_built(root, index_dir, path, ignore, rebuild)
-    except DataError as e:
+    except (DataError, OSError) as e:
+      if isinstance(e, OSError):   # e.g. an index_dir that cannot be created
+        e = DataError(f"data.index_dir: cannot index image folder '{root}' in "
+                      f"'{index_dir}': {e}")
       if processes == 1:
-        raise
+        raise e from None
       failure = e   # raised after the barrier, so no host waits for one that left
   if processes > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

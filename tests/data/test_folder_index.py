@@ -164,3 +164,12 @@ def test_undecodable_images_raise_bad_image_error(tmp_path, content):
     src[0]
   assert e.value.path == str(tmp_path / "bad.jpg")
   assert src[1]["image"].shape == (64, 64, 3)
+
+
+def test_an_index_dir_that_cannot_be_made_is_one_data_error(tmp_path):
+  folder = tmp_path / "images"
+  folder.mkdir()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(folder / "a.png")
+  (tmp_path / "taken").write_text("a file, not a folder")
+  with pytest.raises(DataError, match=r"data.index_dir: cannot index image folder"):
+    folder_index.open_index(str(folder), str(tmp_path / "taken" / "index"))
