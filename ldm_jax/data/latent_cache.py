@@ -167,11 +167,6 @@ def _check_manifest(directory: str, info: dict, fingerprint: dict, layout: dict)
                     f"delete it or point first_stage.latent_cache elsewhere")
 
 
-def _caption(source: Source, index: int) -> str:
-  read = getattr(source, "caption", None)
-  return read(index) if callable(read) else source[index]["caption"]
-
-
 def _write_shard(directory: str, k: int, arrays: dict[str, np.ndarray], captions):
   """Writes one shard into a temporary folder and renames it into place."""
   final = _shard_dir(directory, k)
@@ -293,7 +288,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
         if filled[k] < end - first:
           continue
         # Captions are strings, which do not travel through device arrays: host 0 reads them.
-        captions = [_caption(source, e) for e in range(first, end)] if captioned else None
+        captions = [source.caption(e) for e in range(first, end)] if captioned else None
         _write_shard(directory, k, buffers.pop(k), captions)
         written, encoded_examples = written + 1, encoded_examples + end - first
         if written % LOG_EVERY_SHARDS == 0 or written == len(missing):

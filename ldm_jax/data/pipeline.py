@@ -186,18 +186,15 @@ class InputPipeline:
     self.skipped = int(state.get("skipped", 0))
 
   # -- iteration -------------------------------------------------------------------------------
-  def example(self, position: int) -> dict:
-    """The preprocessed example at a global position (deterministic)."""
-    return self.host_batch.example(position)[0]
-
   def batch_at(self, position: int) -> dict[str, np.ndarray]:
     """This host's slice of the global batch starting at `position` (read here, not by grain)."""
     if position % self.global_batch:
       raise ValueError(f"position {position} is not a multiple of {self.global_batch}")
     return self.host_batch(position // self.global_batch)[0]
 
-  def _dataset(self, batch_numbers):
-    """grain's iterator over (host batch, bad files) of a sequence of batch numbers."""
+  def _batches(self, batch_numbers) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+    """(host batch, bad files) of a sequence of batch numbers, read ahead by grain. A worker's
+    error comes out as the LdmJaxError behind it; closing this closes grain's iterator."""
     import grain  # pylint: disable=g-import-not-at-top
     _absl_flags_parsed()
     ds = grain.MapDataset.source(batch_numbers).map(self.host_batch)
@@ -208,15 +205,12 @@ class InputPipeline:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                        per_worker_buffer_size=self.prefetch),
                           worker_init_fn=_ignore_stop_signals)
-    return iter(ds)
-
-  def read(self, batch_numbers) -> Iterator[dict[str, np.ndarray]]:
-    """This host's slices of the given global batches (numbers, not positions), in order,
-    read ahead like training batches (e.g. the latent cache's build). Leaves the state alone."""
-    iterator = self._dataset(list(batch_numbers))
+    iterator = iter(ds)
     try:
-      for batch, _ in iterator:
-        yield batch
+      for batch, bad in iterator:
+        if self.workers:   # out of grain's shared memory now, so it is freed as the run goes
+          batch = {k: np.array(v) for k, v in batch.items()}
+        yield batch, bad
     except Exception as e:  # grain may wrap the error of a worker
       user = _user_error(e)
       if user is None:
@@ -227,20 +221,26 @@ class InputPipeline:
       if close is not None:
         close()
 
+  def read(self, batch_numbers) -> Iterator[dict[str, np.ndarray]]:
+    """This host's slices of the given global batches (numbers, not positions), in order,
+    read ahead like training batches (eval batches, the latent cache's build). Leaves the
+    state alone."""
+    batches = self._batches(list(batch_numbers))
+    try:
+      for batch, _ in batches:
+        yield batch
+    finally:
+      batches.close()
+
   def next_batch(self) -> tuple[int, dict[str, np.ndarray], list[str]]:
     """(global position, this host's batch, bad files skipped in it); advances the state."""
     if self._iterator is None:
-      self._iterator = self._dataset(range(self._position // self.global_batch, _ENDLESS))
+      self._iterator = self._batches(range(self._position // self.global_batch, _ENDLESS))
     try:
       batch, bad = next(self._iterator)
-    except Exception as e:  # grain may wrap the error of a worker
-      self._close_iterator()
-      user = _user_error(e)
-      if user is None:
-        raise
-      raise user from None
-    if self.workers:   # out of grain's shared memory now, so it is freed while the run goes on
-      batch = {k: np.array(v) for k, v in batch.items()}
+    except Exception:
+      self._iterator = None   # a generator that raised is finished (and closed grain's)
+      raise
     position = self._position
     self._position += self.global_batch
     self.skipped += len(bad)
@@ -258,10 +258,8 @@ class InputPipeline:
 
   def _close_iterator(self):
     if self._iterator is not None:
-      close = getattr(self._iterator, "close", None)
+      self._iterator.close()
       self._iterator = None
-      if close is not None:
-        close()
 
   def close(self):
     self._close_iterator()
@@ -314,8 +312,7 @@ def eval_batches(source: Source, example_fn: ExampleFn, *, global_batch: int, nu
                        process_index=process_index, process_count=process_count,
                        on_bad_image=on_bad_image)
   try:
-    for i in range(num_batches):
-      yield pipe.batch_at(i * global_batch)
+    yield from pipe.read(range(num_batches))   # read ahead, like training batches
   finally:
     pipe.close()
 

@@ -34,7 +34,6 @@ class TrainingFid:
   def __init__(self, weights: str, mesh, source, example_fn, *, batch_size: int,
                num_samples: int, seed: int, on_bad_image: str = "error"):
     self.extractor = FeatureExtractor(weights, NamedSharding(mesh, P(("data", "fsdp"))))
-    self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
     self.source, self.example_fn, self.seed = source, example_fn, seed
     self.batch_size, self.on_bad_image = batch_size, on_bad_image
     self.num_batches = max(1, math.ceil(num_samples / batch_size))
@@ -50,7 +49,7 @@ class TrainingFid:
     for local in eval_batches(self.source, self.example_fn, global_batch=self.batch_size,
                               num_batches=self.num_batches, seed=self.seed,
                               on_bad_image=self.on_bad_image):
-      x, generated = generate(state, to_global(local, self.batch_sharding), frozen)
+      x, generated = generate(state, to_global(local, self.extractor.sharding), frozen)
       fake.append(self.extractor.extract_global(self._levels(generated))["pool"])
       if self.real_stats is None:
         real.append(self.extractor.extract_global(self._levels(x))["pool"])

@@ -251,7 +251,8 @@ class AutoencoderStage(Stage):
   fid_name = "rfid"
 
   def generate(self, state, batch, frozen):
-    """(originals, reconstructions) of a held-out batch, for rFID (training/fid.py)."""
+    """(originals, reconstructions) of a batch: for rFID (training/fid.py) and the image
+    summaries."""
     del frozen
     x = batch["image"]
     x_rec, _ = reconstruct(self.ae, self.eval_variables(state), x, self.is_vq)
@@ -259,9 +260,8 @@ class AutoencoderStage(Stage):
 
   def summaries(self, state, batch, frozen):
     n = self.config.train.num_summary_images
-    x = batch["image"][:n]
-    x_rec, _ = reconstruct(self.ae, self.eval_variables(state), x, self.is_vq)
-    return {"reconstructions": jnp.concatenate([x, jnp.clip(x_rec, -1, 1)], axis=0)}
+    x, x_rec = self.generate(state, {"image": batch["image"][:n]}, frozen)
+    return {"reconstructions": jnp.concatenate([x, x_rec], axis=0)}
 
   def inference_params(self, state) -> dict:
     return {"autoencoder": self.eval_variables(state)}

@@ -157,29 +157,23 @@ class LatentDiffusionStage(Stage):
   fid_name = "fid"
 
   def generate(self, state, batch, frozen):
-    """(the batch's images, samples with its conditions and fixed noise), for FID
-    (training/fid.py)."""
+    """(the batch's images or None, samples with its conditions and fixed noise (guided if
+    configured)): for FID (training/fid.py) and the image summaries."""
     scale = state.model_state["scale_factor"]
     r_noise, r_sample = jax.random.split(jax.random.PRNGKey(0))
-    x_T = jax.random.normal(r_noise, self.ldm.latent_shape(batch["image"].shape[0]))
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    x_T = jax.random.normal(r_noise, self.ldm.latent_shape(n))
     z = self.ldm.sample(self.eval_params(state), frozen["autoencoder"], scale, batch, x_T,
                         r_sample)
-    return batch["image"], jnp.clip(self.ldm.decode(frozen["autoencoder"], z, scale), -1.0, 1.0)
+    return batch.get("image"), jnp.clip(self.ldm.decode(frozen["autoencoder"], z, scale),
+                                        -1.0, 1.0)
 
   def summaries(self, state, batch, frozen):
-    """A grid of samples with the batch's conditions (guided if configured), below the batch's
-    own images when it has them."""
+    """A grid of samples with the batch's conditions, below the batch's own images when it has
+    them."""
     n = self.config.train.num_summary_images
-    scale = state.model_state["scale_factor"]
-    one = jax.tree_util.tree_map(lambda x: x[:n], batch)
-    r_noise, r_sample = jax.random.split(jax.random.PRNGKey(0))
-    x_T = jax.random.normal(r_noise, self.ldm.latent_shape(n))
-    z = self.ldm.sample(self.eval_params(state), frozen["autoencoder"], scale, one, x_T, r_sample)
-    images = jnp.clip(self.ldm.decode(frozen["autoencoder"], z, scale), -1.0, 1.0)
-    out = {"samples": images}
-    if "image" in batch:
-      out["samples"] = jnp.concatenate([one["image"], images], axis=0)
-    return out
+    real, images = self.generate(state, jax.tree_util.tree_map(lambda x: x[:n], batch), frozen)
+    return {"samples": images if real is None else jnp.concatenate([real, images], axis=0)}
 
   def inference_params(self, state) -> dict:
     params = self.eval_params(state)

@@ -18,6 +18,8 @@ class Stage:
     train_step(state, batch, frozen) -> (state, metrics)       (state donated)
     eval_step(state, batch, frozen) -> metrics
     summaries(state, batch, frozen) -> {name: images (N, H, W, C) in [-1, 1]}
+    generate(state, batch, frozen) -> (the batch's images, generated ones), in [-1, 1]
+                                     (reconstructions or samples: for (r)FID)
 
   `frozen` holds arrays the stage uses but never trains or checkpoints (LPIPS weights, the
   frozen autoencoder of stage 2); it is passed as an argument rather than closed over so it is

@@ -2,7 +2,6 @@
 published mu/sigma format, and extraction sharded over 8 devices equal to one device."""
 import json
 import os
-import tarfile
 
 import jax
 import numpy as np
@@ -14,24 +13,18 @@ from ldm_jax.data.sources import ArraySource
 from ldm_jax.errors import DataError
 from ldm_jax.evaluate import main as evaluate_main
 from ldm_jax.evaluation import features, inception
-from tests.conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-  """Two folders of 8 CIFAR-10 test JPEGs: 'a' (images 0-7) and 'b' (images 8-15)."""
-  archive = SHARED_DATA / "cifar10" / "cifar10-test-jpeg.tar.gz"
-  if not archive.exists():
-    pytest.skip(f"{archive} not found")
+def cifar(cifar_folder, tmp_path_factory):
+  """Two folders of 8 CIFAR-10 JPEGs (links into the shared cifar_folder): 'a' holds the
+  first 8 by sorted path, 'b' the next 8."""
   root = tmp_path_factory.mktemp("fid")
-  n = 0
-  with tarfile.open(archive) as tar:
-    for member in tar:
-      if member.isfile() and n < 16:
-        folder = root / ("a" if n < 8 else "b")
-        folder.mkdir(exist_ok=True)
-        (folder / f"{n:02d}.jpg").write_bytes(tar.extractfile(member).read())
-        n += 1
+  files = sorted(cifar_folder.rglob("*.jpg"))[:16]
+  for n, path in enumerate(files):
+    folder = root / ("a" if n < 8 else "b")
+    folder.mkdir(exist_ok=True)
+    (folder / f"{n:02d}.jpg").symlink_to(path)
   return root
 
 
