@@ -26,7 +26,7 @@ def get_config():
   c.unet.num_heads = 8
   c.unet.num_head_channels = -1
   c.unet.use_spatial_transformer = True
-  c.unet.remat = True
+  c.unet.remat = "save_dots"    # keep conv/matmul outputs, recompute norms and activations
 
   c.cond.type = "text"
   c.cond.embed_dim = 768
@@ -46,7 +46,6 @@ def get_config():
   c.train.scale_lr = False
   c.train.warmup_steps = 10_000
   c.train.num_steps = 500_000
-  c.train.compute_dtype = "bfloat16"
   c.train.ckpt_every = 5000
   c.train.image_every = 5000
   c.sample.steps = 50

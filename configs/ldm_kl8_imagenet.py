@@ -18,6 +18,9 @@ def get_config():
   presets.use_tfds(c, "imagenet2012", eval_split="validation[:5000]")
   c.data.image_size = 256
   c.first_stage.checkpoint = "runs/ae_kl8_imagenet"
+  # Encode the training set once into bf16 latents (<workdir>/latents): no autoencoder pass per
+  # step. Training computes in bf16 on GPU/TPU (train.compute_dtype='auto').
+  c.first_stage.precompute_latents = True
 
   c.unet.model_channels = 256
   c.unet.channel_mult = (1, 2, 4)

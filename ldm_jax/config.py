@@ -16,6 +16,9 @@ import ml_collections
 
 from ldm_jax.errors import ConfigError  # noqa: F401  (raised here, re-exported)
 
+# models.layers.REMAT_POLICIES (repeated so the schema imports no JAX; a test keeps them equal).
+REMAT_CHOICES = ("none", "block", "save_dots", "full")
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
@@ -43,6 +46,11 @@ _COMMON = {
                   "are split over it (by `mesh.rules`), the batch over both axes."),
         "min_shard_size": F(2 ** 14, "Arrays with fewer elements than this stay replicated; "
                             "sharding tiny biases costs more communication than it saves."),
+        "shard_frozen": F(False, "Shard the frozen models (stage 2's autoencoder, stage 1's "
+                          "LPIPS) by `mesh.rules` like the trained ones. The default keeps them "
+                          "replicated: they are never updated, so sharding them only adds an "
+                          "all-gather of their weights to every step; set True when they do "
+                          "not fit on one device."),
         "rules": F((), "Parameter partition rules as ((regex, spec), ...): the first regex that "
                    "matches a parameter's path ('params/decoder/conv_out/kernel') gives the "
                    "mesh axes of its LAST dimensions, e.g. ('kernel$', ('fsdp',)). Empty uses "
@@ -132,9 +140,10 @@ _COMMON = {
                        "reference uses 0.9999 for the diffusion model."),
         "ema_warmup": F(True, "Use min(ema_decay, (1 + n) / (10 + n)) at update n, as the "
                         "reference does, so early EMA weights are not dominated by the init."),
-        "compute_dtype": F("float32", "Activation dtype; parameters and optimizer state stay "
-                           "float32 ('bfloat16' is the mixed-precision switch).",
-                           choices=("float32", "bfloat16")),
+        "compute_dtype": F("auto", "Activation dtype; parameters, gradients and optimizer "
+                           "state stay float32. 'auto' = bfloat16 on GPU and TPU (mixed "
+                           "precision, said once in the log) and float32 on CPU, where bfloat16 "
+                           "is emulated and slower.", choices=("auto", "float32", "bfloat16")),
         "log_every": F(50, "Write scalar metrics every N steps."),
         "ckpt_every": F(1000, "Save a checkpoint every N steps (and at the end, and on "
                         "SIGTERM/preemption)."),
@@ -181,8 +190,12 @@ _AUTOENCODER = {
                              "encoder outputs of the current batch."),
         "vq_dead_threshold": F(1e-3, "VQ: a code is dead when its running usage frequency "
                                "(EMA, decay 0.99) falls below this fraction of uniform use."),
-        "remat": F(False, "Recompute ResNet-block activations in the backward pass (jax.remat) "
-                   "to save memory."),
+        "remat": F("none", "Gradient checkpointing: 'none' keeps every activation; 'block' "
+                   "recomputes each ResNet block from its input in the backward pass; "
+                   "'save_dots' does too but keeps conv/matmul outputs (only norms and "
+                   "activations recomputed); 'full' keeps only the encoder's and decoder's "
+                   "inputs. Memory falls and compute grows in the order none, save_dots, block, "
+                   "full (benchmarks/train_step.py measures both).", choices=REMAT_CHOICES),
         "norm_groups": F(32, "GroupNorm group count of every norm (the reference: 32; diffusers' "
                          "norm_num_groups). Must divide ch x every ch_mult."),
     },
@@ -259,15 +272,22 @@ _LDM = {
                              "layers."),
         "conv_resample": F(True, "Learned 3x3 convs around resampling (else pooling/nearest)."),
         "dropout": F(0.0, "Dropout inside ResBlocks and transformer blocks."),
-        "remat": F(False, "Gradient checkpointing (jax.remat) per block: less memory, ~30% "
-                   "more compute."),
+        "remat": F("none", "Gradient checkpointing: 'none' keeps every activation; 'block' "
+                   "recomputes each ResBlock / attention block from its input in the backward "
+                   "pass; 'save_dots' does too but keeps conv/matmul outputs (only norms and "
+                   "activations recomputed); 'full' keeps only the UNet's inputs and recomputes "
+                   "its whole forward pass. Memory falls and compute grows in the order none, "
+                   "save_dots, block, full; gradients are the same.", choices=REMAT_CHOICES),
         "norm_groups": F(32, "GroupNorm group count of the ResBlocks, attention blocks and output "
                          "norm (the reference: 32; diffusers' norm_num_groups)."),
         "norm_eps": F(1e-5, "GroupNorm epsilon of the ResBlocks and output norm (diffusers' "
                       "norm_eps); SpatialTransformer norms keep 1e-6 as in the reference."),
-        "attention_impl": F("xla", "'xla' everywhere; 'cudnn' for the fused flash-attention "
-                            "kernel on NVIDIA GPUs (bfloat16 compute).",
-                            choices=("xla", "cudnn")),
+        "attention_impl": F("auto", "'auto': cuDNN's fused flash-attention kernel where it "
+                            "applies (NVIDIA GPU, bfloat16/float16 compute, head dim a multiple "
+                            "of 8 up to 128), XLA elsewhere, said once in the log; 'xla' always "
+                            "XLA; 'cudnn' asks for the kernel and warns once where it falls "
+                            "back. On a CPU, XLA attention runs in cache-sized blocks.",
+                            choices=("auto", "xla", "cudnn")),
     },
     "diffusion": {
         "timesteps": F(1000, "Discrete diffusion steps T."),

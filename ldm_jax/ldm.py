@@ -22,6 +22,7 @@ from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.errors import ConfigError
 from ldm_jax.first_stage import FirstStage
 from ldm_jax.models.build import build_unet, dtype_of
+from ldm_jax.models.layers import checkpoint_full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,11 @@ class SampleSettings:
 
 
 class LatentDiffusion:
-  """An LDM built from a stage-2 config, its first stage, class count and tokenizer."""
+  """An LDM built from a stage-2 config, its first stage, class count and tokenizer;
+  `activation_sharding` (training on a mesh) pins the UNet's batch activations (see UNet)."""
 
-  def __init__(self, config, first: FirstStage, *, num_classes: int = 0, tokenizer=None):
+  def __init__(self, config, first: FirstStage, *, num_classes: int = 0, tokenizer=None,
+               activation_sharding=None):
     c = config
     self.config, self.first, self.tokenizer = config, first, tokenizer
     self.num_classes = num_classes
@@ -57,7 +60,8 @@ class LatentDiffusion:
     self.cond = Conditioner(c, first, vocab, num_classes, self.dtype)
     self.unet = build_unet(c.unet, in_channels=first.latent_channels + self.cond.concat_channels,
                            out_channels=first.latent_channels, context=bool(self.cond.context),
-                           adm_classes=self.cond.adm_classes, dtype=self.dtype)
+                           adm_classes=self.cond.adm_classes, dtype=self.dtype,
+                           activation_sharding=activation_sharding)
 
   # -- parameters ------------------------------------------------------------------------------
   def init_params(self, rng, batch) -> dict:
@@ -104,9 +108,14 @@ class LatentDiffusion:
     """The denoiser model_fn(x_t, t, cond) for the loss and the samplers."""
     rngs = {"dropout": rng} if train and rng is not None else None
 
-    def fn(x_t, t, cond):
-      return self.unet.apply({"params": params["unet"]}, *self._unet_args(x_t, t, cond),
+    def apply(unet_params, x, t, context, y, context_mask, rngs):
+      return self.unet.apply({"params": unet_params}, x, t, context, y, context_mask,
                              train=train, rngs=rngs)
+    # unet.remat='full': the backward pass keeps only the UNet's inputs (training only).
+    apply = checkpoint_full(apply, self.unet.remat if train else "none")
+
+    def fn(x_t, t, cond):
+      return apply(params["unet"], *self._unet_args(x_t, t, cond), rngs)
     return fn
 
   def loss(self, params, batch, frozen_ae, scale, rng, *, train: bool = True, p_uncond=None):

@@ -63,7 +63,7 @@ def autoencoder_module(config):
 
 def autoencoder_shapes(module):
   """The variables of an autoencoder module as ShapeDtypeStructs (jax.eval_shape of init)."""
-  module = module.clone(attention_impl=None)     # the same tree; traceable on any host
+  module = module.clone(attention_impl="auto")   # the same tree; traceable on any host
   x = jax.ShapeDtypeStruct((1, module.resolution, module.resolution, module.out_ch), jnp.float32)
   return jax.eval_shape(lambda v: module.init({"params": jax.random.PRNGKey(0),
                                                "sample": jax.random.PRNGKey(0)}, v), x)
@@ -105,7 +105,7 @@ def unet_module(fields: dict) -> UNet:
 
 def unet_shapes(module: UNet, context_dim: int | None) -> dict:
   """The params of a UNet module as ShapeDtypeStructs (jax.eval_shape of init)."""
-  module = module.clone(attention_impl=None)     # the same tree; traceable on any host
+  module = module.clone(attention_impl="auto")   # the same tree; traceable on any host
   s = 2 ** (len(module.channel_mult) - 1)
   args = [jax.ShapeDtypeStruct((1, s, s, module.in_channels), jnp.float32),
           jax.ShapeDtypeStruct((1,), jnp.float32)]

@@ -1,7 +1,10 @@
-"""Attention: one core (jax.nn.dot_product_attention, fused kernels on GPU) and the blocks
-built on it: the autoencoder's single-head AttnBlock, the UNet's multi-head AttentionBlock,
-CrossAttention and the SpatialTransformer."""
+"""Attention: one core (`attention`: cuDNN's fused flash kernel on NVIDIA GPUs when it applies,
+XLA otherwise) and the blocks built on it: the autoencoder's single-head AttnBlock, the UNet's
+multi-head AttentionBlock, CrossAttention and the SpatialTransformer."""
 from __future__ import annotations
+
+import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -9,25 +12,135 @@ import jax.numpy as jnp
 
 from ldm_jax.models.layers import Dtype, conv, group_norm
 
+logger = logging.getLogger("ldm_jax")
+
+# A module's `attention_impl`: 'auto' (cuDNN where it applies, else XLA), 'xla', or 'cudnn'
+# (asked for explicitly: a fall-back to XLA is a warning). None is 'auto'.
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_HALF = (jnp.bfloat16, jnp.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(level: int, message: str):
+  """Logs each distinct message once per process (a model traces its attention many times)."""
+  logger.log(level, message)
+
+
+def cudnn_unfit_reason(q, k, backend: str | None = None) -> str | None:
+  """Why cuDNN's flash kernel cannot compute attention of these (B, L, heads, head_dim) arrays,
+  or None when it can: an NVIDIA GPU, bfloat16/float16 compute, a head dim that is a multiple
+  of 8 up to 128 (256 from Hopper on; 128 is what every GPU takes)."""
+  backend = backend or jax.default_backend()
+  if backend != "gpu":
+    return f"the backend is {backend}, not an NVIDIA GPU"
+  if q.dtype not in _HALF or k.dtype not in _HALF:
+    return (f"it computes in {q.dtype} and the kernel needs bfloat16 or float16 "
+            f"(train.compute_dtype)")
+  head_dim = q.shape[-1]
+  if head_dim % 8 or head_dim > 128:
+    return f"the head dim is {head_dim}; the kernel needs a multiple of 8 up to 128"
+  return None
+
+
+def mask_to_lengths(mask):
+  """(B,) int32 key lengths of a (B, Lk) padding mask: True for the first n keys of each row.
+
+  cuDNN takes padding as lengths, not masks; a mask with holes (True after a False) is not a
+  padding mask and would be read as its count of True keys."""
+  return jnp.sum(mask.astype(jnp.int32), axis=-1)
+
+
+def _softmax_weighted(q, k, v, mask):
+  """softmax(q k^T * scale) v over (..., Lq, d) / (..., Lk, d) arrays with any leading dims;
+  `mask` (..., Lk) bool or None. Logits and softmax in float32; the normalisation divides the
+  (..., Lq, d) output, not the (..., Lq, Lk) weights (the same numbers, Lk / d times fewer
+  divisions forward and backward). A row whose keys are all masked out gives zeros."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask[..., None, :], logits, -jnp.inf)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  weights = jnp.exp(logits - peak)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / jnp.where(total > 0, total, 1.0)).astype(v.dtype)
+
+
+def slices_per_group(slices: int, lq: int, lk: int, budget_bytes: int) -> int:
+  """The largest divisor of `slices` whose float32 (Lq, Lk) logits fit in `budget_bytes`
+  together (at least 1)."""
+  fit = max(1, budget_bytes // (4 * lq * lk))
+  return max(d for d in range(1, min(fit, slices) + 1) if slices % d == 0)
+
+
+def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
+  """Attention of (B, L, heads, head_dim) arrays in plain XLA ops, heads-major inside.
+
+  With `block_bytes` (what the CPU gets, see `attention`) the (batch x head) slices are computed
+  a group at a time by lax.map, each group's float32 logits within `block_bytes`: on a CPU the
+  (B, heads, Lq, Lk) weights of one big batched matmul spill out of the caches, and this
+  was 4.5x faster forward and backward at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Without it
+  (accelerators) every slice is one batched computation."""
+  b, lq, heads, d = q.shape
+  lk = k.shape[1]
+  qt, kt, vt = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))      # (B, heads, L, d)
+  mt = None if mask is None else jnp.broadcast_to(mask[:, None, :], (b, heads, lk))
+  if block_bytes is None:
+    out = _softmax_weighted(qt, kt, vt, mt)
+  else:
+    n = slices_per_group(b * heads, lq, lk, block_bytes)
+    group = lambda a: a.reshape((b * heads // n, n) + a.shape[2:])  # noqa: E731
+    operands = (group(qt), group(kt), group(vt), None if mt is None else group(mt))
+    out = jax.lax.map(lambda xs: _softmax_weighted(*xs), operands).reshape(b, heads, lq, d)
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
+# On a CPU, each lax.map group of attention slices keeps its float32 logits within this many
+# bytes (about an L2 cache; 1 MiB measured best of 1, 4 and 16 MiB, benchmarks/RESULTS.md).
+CPU_BLOCK_BYTES = 1 << 20
+
+
+def _cudnn_attention(q, k, v, mask):
+  """cuDNN's flash kernel; a padding mask goes in as key lengths (the kernel takes no mask)."""
+  if mask is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  return jax.nn.dot_product_attention(
+      q, k, v, query_seq_lengths=jnp.full((q.shape[0],), q.shape[1], jnp.int32),
+      key_value_seq_lengths=mask_to_lengths(mask), implementation="cudnn")
+
 
 def attention(q, k, v, mask=None, implementation: str | None = None):
   """Scaled dot-product attention of (B, L, heads, head_dim) arrays.
 
-  `mask` is (B, Lk) bool, True where a key may be attended to. `implementation`: None lets JAX
-  choose ('xla' everywhere), 'cudnn' asks for the fused flash kernel on NVIDIA GPUs.
-  """
-  if mask is not None:
-    mask = mask[:, None, None, :]  # broadcast over heads and queries
-  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-    implementation = None  # the fused kernel exists for half precision only
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-  return out
+  `mask` is (B, Lk) bool, True where a key may be attended to (a padding mask: the valid keys
+  come first). `implementation` (IMPLEMENTATIONS; None = 'auto') picks cuDNN's fused kernel when
+  `cudnn_unfit_reason` finds nothing against it and XLA otherwise, saying once which it chose
+  and why; 'cudnn' that cannot run falls back to XLA with a warning."""
+  implementation = implementation or "auto"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
+  block = CPU_BLOCK_BYTES if jax.default_backend() == "cpu" else None
+  if implementation == "xla":
+    return xla_attention(q, k, v, mask, block)
+  reason = cudnn_unfit_reason(q, k)
+  if reason is None:
+    try:
+      out = _cudnn_attention(q, k, v, mask)
+      _say_once(logging.INFO, f"attention (head dim {q.shape[-1]}): cuDNN flash attention")
+      return out
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
+      reason = f"the kernel refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+  level = logging.WARNING if implementation == "cudnn" else logging.INFO
+  _say_once(level, f"attention: XLA, not cuDNN's flash kernel, because {reason}")
+  return xla_attention(q, k, v, mask, block)
 
 
 class AttnBlock(nn.Module):
   """The autoencoder's single-head self-attention over all pixels, with 1x1 conv projections."""
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
 
   @nn.compact
@@ -49,7 +162,7 @@ class AttentionBlock(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
   norm_eps: float = 1e-5
 
@@ -76,7 +189,7 @@ class CrossAttention(nn.Module):
   head_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, train: bool = False):
@@ -117,7 +230,7 @@ class BasicTransformerBlock(nn.Module):
   head_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, train: bool = False):
@@ -142,7 +255,7 @@ class SpatialTransformer(nn.Module):
   dropout: float = 0.0
   use_linear: bool = False
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
 
   @nn.compact

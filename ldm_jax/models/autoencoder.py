@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ldm_jax.models.attention import AttnBlock
 from ldm_jax.models.layers import (Downsample, Dtype, ResnetBlock, Upsample, conv, group_norm,
-                                   maybe_remat)
+                                   maybe_remat, remat_policy)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -61,8 +61,8 @@ class Encoder(nn.Module):
   resolution: int = 256
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str | None = None
+  remat: str = "none"
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
 
   @nn.compact
@@ -105,8 +105,8 @@ class Decoder(nn.Module):
   resolution: int = 256
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str | None = None
+  remat: str = "none"
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
 
   @nn.compact
@@ -151,8 +151,8 @@ class _FirstStage(nn.Module):
   resolution: int = 256
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str | None = None
+  remat: str = "none"
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
 
   @property
@@ -165,19 +165,27 @@ class _FirstStage(nn.Module):
                 dropout=self.dropout, dtype=self.dtype, remat=self.remat,
                 attention_impl=self.attention_impl, norm_groups=self.norm_groups)
 
+  def _coders(self):
+    """The Encoder and Decoder classes; remat='full' rematerialises each as one unit (the
+    nearest the two-part autoencoder has to whole-model remat; names and weights unchanged)."""
+    if remat_policy(self.remat) == "full":
+      return nn.remat(Encoder, static_argnums=(2,)), nn.remat(Decoder, static_argnums=(2, 3))
+    return Encoder, Decoder
+
   def decode_features(self, z, train: bool = False):
-    return self.decoder(self.post_quant_conv(z.astype(self.dtype)), train, part="features")
+    return self.decoder(self.post_quant_conv(z.astype(self.dtype)), train, "features")
 
   def decode_head(self, h):
-    return self.decoder(h, part="head")
+    return self.decoder(h, False, "head")
 
 
 class AutoencoderKL(_FirstStage):
   """KL-regularised autoencoder: encode -> DiagonalGaussian posterior, decode(z) -> image."""
 
   def setup(self):
-    self.encoder = Encoder(z_channels=self.z_channels, double_z=True, **self._coder_kwargs())
-    self.decoder = Decoder(out_ch=self.out_ch, **self._coder_kwargs())
+    encoder, decoder = self._coders()
+    self.encoder = encoder(z_channels=self.z_channels, double_z=True, **self._coder_kwargs())
+    self.decoder = decoder(out_ch=self.out_ch, **self._coder_kwargs())
     self.quant_conv = conv(2 * self.embed_dim, kernel=1, dtype=self.dtype)
     self.post_quant_conv = conv(self.z_channels, kernel=1, dtype=self.dtype)
 
@@ -185,7 +193,7 @@ class AutoencoderKL(_FirstStage):
     return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x, train)))
 
   def decode(self, z, train: bool = False):
-    return self.decoder(self.post_quant_conv(z.astype(self.dtype)), train)
+    return self.decoder(self.post_quant_conv(z.astype(self.dtype)), train, "all")
 
   def __call__(self, x, train: bool = False, sample_posterior: bool = True):
     posterior = self.encode(x, train)
@@ -323,8 +331,9 @@ class VQModel(_FirstStage):
   dead_threshold: float = 1e-3
 
   def setup(self):
-    self.encoder = Encoder(z_channels=self.z_channels, double_z=False, **self._coder_kwargs())
-    self.decoder = Decoder(out_ch=self.out_ch, **self._coder_kwargs())
+    encoder, decoder = self._coders()
+    self.encoder = encoder(z_channels=self.z_channels, double_z=False, **self._coder_kwargs())
+    self.decoder = decoder(out_ch=self.out_ch, **self._coder_kwargs())
     self.quant_conv = conv(self.embed_dim, kernel=1, dtype=self.dtype)
     self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.ema_decay,
                                     self.restart_dead, self.dead_threshold)
@@ -339,7 +348,7 @@ class VQModel(_FirstStage):
   def decode(self, h, train: bool = False, force_not_quantize: bool = False):
     if not force_not_quantize:
       h, _, _ = self.quantize(h, False)
-    return self.decoder(self.post_quant_conv(h.astype(self.dtype)), train)
+    return self.decoder(self.post_quant_conv(h.astype(self.dtype)), train, "all")
 
   def decode_code(self, indices):
     return self.decode(self.quantize.lookup(indices), force_not_quantize=True)

@@ -5,6 +5,10 @@ tests and converters build modules with plain arguments and nothing here knows a
 """
 from __future__ import annotations
 
+import functools
+import logging
+
+import jax
 import jax.numpy as jnp
 
 from ldm_jax.errors import ConfigError
@@ -13,17 +17,37 @@ from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.unet import UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+logger = logging.getLogger("ldm_jax")
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+  """A `train.compute_dtype` name with 'auto' resolved: 'bfloat16' on GPU and TPU (their fast
+  matmul type), 'float32' on CPU (where bfloat16 is emulated, and slower)."""
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  return "float32" if backend == "cpu" else "bfloat16"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_dtype(backend: str, name: str):
+  logger.info("train.compute_dtype='auto': computing in %s on %s (parameters stay float32)",
+              name, backend)
 
 
 def dtype_of(name: str):
-  """The jnp dtype of a config's `train.compute_dtype` name."""
+  """The jnp dtype of a config's `train.compute_dtype` name ('auto' resolved, and said once)."""
+  if name == "auto":
+    name = resolve_dtype(name)
+    _say_dtype(jax.default_backend(), name)
   if name not in DTYPES:
-    raise ConfigError(f"train.compute_dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    raise ConfigError(f"train.compute_dtype: expected one of {['auto'] + sorted(DTYPES)}, got "
+                      f"{name!r}")
   return DTYPES[name]
 
 
 def build_autoencoder(model_config, *, image_size: int, channels: int, dtype=jnp.float32,
-                      attention_impl: str | None = None):
+                      attention_impl: str | None = "auto"):
   """AutoencoderKL or VQModel from a stage-1 `config.model` section."""
   m = model_config
   kw = dict(ch=m.ch, out_ch=channels, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
@@ -45,7 +69,7 @@ def build_discriminator(disc_config, dtype=jnp.float32) -> NLayerDiscriminator:
 
 
 def build_unet(unet_config, *, in_channels: int, out_channels: int, context: bool,
-               adm_classes: int = 0, dtype=jnp.float32) -> UNet:
+               adm_classes: int = 0, dtype=jnp.float32, activation_sharding=None) -> UNet:
   """The UNet of a stage-2 `config.unet` section; the conditioning decides the channels, the
   cross-attention (`context`) and the label embedding (`adm_classes`)."""
   u = unet_config
@@ -60,7 +84,7 @@ def build_unet(unet_config, *, in_channels: int, out_channels: int, context: boo
               transformer_depth=u.transformer_depth, use_linear_proj=u.use_linear_proj,
               dtype=dtype, remat=u.remat, norm_groups=u.get("norm_groups", 32),
               norm_eps=u.get("norm_eps", 1e-5),
-              attention_impl=None if u.attention_impl == "xla" else u.attention_impl)
+              attention_impl=u.attention_impl, activation_sharding=activation_sharding)
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,9 +89,49 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return emb
 
 
-def maybe_remat(module_cls, remat: bool, static_argnums=()):
-  """jax.remat (gradient checkpointing) of a module class when `remat` is set."""
-  return nn.remat(module_cls, static_argnums=static_argnums) if remat else module_cls
+# Gradient checkpointing policies (a model's `remat` field):
+#   none       keep every activation for the backward pass (fastest, most memory);
+#   block      recompute each ResNet / attention block's insides from its input (least memory of
+#              the per-block choices, about one extra forward pass);
+#   save_dots  per block too, but keep the outputs of convolutions and matmuls: only norms,
+#              activations and other cheap elementwise work is recomputed;
+#   full       keep only the model's inputs and recompute its whole forward pass (the caller
+#              wraps the model's apply in jax.checkpoint: see `checkpoint_full`); blocks inside
+#              are not rematerialised again.
+REMAT_POLICIES = ("none", "block", "save_dots", "full")
+
+
+def _save_dots(prim, *_, **__) -> bool:
+  """jax.checkpoint policy: matmul and convolution outputs are saved, the rest recomputed."""
+  return prim.name in ("dot_general", "conv_general_dilated")
+
+
+def remat_policy(remat) -> str:
+  """A `remat` field as one of REMAT_POLICIES; the booleans of older configs mean none/block."""
+  if remat is True:
+    return "block"
+  if remat is False or remat is None:
+    return "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat: expected one of {REMAT_POLICIES}, got {remat!r}")
+  return remat
+
+
+def maybe_remat(module_cls, remat, static_argnums=()):
+  """A module class with per-block rematerialisation for `remat` 'block' or 'save_dots'; the
+  class itself for 'none' and 'full' (whole-model remat is applied around the model)."""
+  policy = remat_policy(remat)
+  if policy == "block":
+    return nn.remat(module_cls, static_argnums=static_argnums)
+  if policy == "save_dots":
+    return nn.remat(module_cls, static_argnums=static_argnums, policy=_save_dots)
+  return module_cls
+
+
+def checkpoint_full(fn, remat):
+  """`fn` under jax.checkpoint when `remat` is 'full' (only its arguments kept for the backward
+  pass), else `fn` itself. Wrap a pure function of arrays (e.g. a module's apply)."""
+  return jax.checkpoint(fn) if remat_policy(remat) == "full" else fn
 
 
 zeros_init = jax.nn.initializers.zeros

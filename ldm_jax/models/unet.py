@@ -7,9 +7,10 @@ names without tracking the architecture.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import AttentionBlock, SpatialTransformer
@@ -80,7 +81,9 @@ class UNet(nn.Module):
   optional (B, L) `context_mask`); `y` (B,) class labels are embedded and added to the time
   embedding (the "adm" path) when num_classes > 0. `norm_groups` / `norm_eps` are the GroupNorm
   group count and epsilon (diffusers' norm_num_groups / norm_eps; the SpatialTransformer's norm
-  keeps epsilon 1e-6).
+  keeps epsilon 1e-6). `activation_sharding` (a NamedSharding of the batch axis, or None) pins
+  the activations between blocks to it, so SPMD partitioning gathers FSDP-sharded weights
+  rather than splitting activations by channel; batches it does not divide are left alone.
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -99,10 +102,25 @@ class UNet(nn.Module):
   transformer_depth: int = 1
   use_linear_proj: bool = False
   dtype: Dtype = jnp.float32
-  remat: bool = False
-  attention_impl: str | None = None
+  remat: str = "none"
+  attention_impl: str | None = "auto"
   norm_groups: int = 32
   norm_eps: float = 1e-5
+  activation_sharding: Any = None
+
+  def _constrain(self, h):
+    """h pinned to `activation_sharding` (when set and it divides the batch)."""
+    sharding = self.activation_sharding
+    if sharding is None:
+      return h
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    shards = 1
+    for axis in axes:
+      shards *= sharding.mesh.shape[axis]
+    if h.shape[0] % shards:
+      return h
+    return jax.lax.with_sharding_constraint(h, sharding)
 
   def _attention(self, channels, level, name):
     heads, head_dim = heads_for_level(channels, level, self.num_heads, self.num_head_channels)
@@ -138,7 +156,7 @@ class UNet(nn.Module):
       emb = emb + nn.Embed(self.num_classes, emb_dim, param_dtype=jnp.float32,
                            name="label_emb")(y).astype(emb.dtype)
 
-    h = conv(mc, dtype=self.dtype, name="input_blocks_0_0")(x.astype(self.dtype))
+    h = self._constrain(conv(mc, dtype=self.dtype, name="input_blocks_0_0")(x.astype(self.dtype)))
     skips, ch, ds, n = [h], mc, 1, 1
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
@@ -147,6 +165,7 @@ class UNet(nn.Module):
         if ds in self.attention_resolutions:
           h = self._apply_attention(self._attention(ch, level, f"input_blocks_{n}_1"), h,
                                     context, context_mask, train)
+        h = self._constrain(h)
         skips.append(h)
         n += 1
       if level != len(self.channel_mult) - 1:
@@ -158,6 +177,7 @@ class UNet(nn.Module):
                    name=name)(h)
         else:
           h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        h = self._constrain(h)
         skips.append(h)
         ds *= 2
         n += 1
@@ -166,7 +186,7 @@ class UNet(nn.Module):
     h = res_block(ch, "none", "middle_block_0")(h, emb, train)
     h = self._apply_attention(self._attention(ch, last, "middle_block_1"), h, context,
                               context_mask, train)
-    h = res_block(ch, "none", "middle_block_2")(h, emb, train)
+    h = self._constrain(res_block(ch, "none", "middle_block_2")(h, emb, train))
 
     n = 0
     for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -188,6 +208,7 @@ class UNet(nn.Module):
             if self.conv_resample:
               h = conv(ch, dtype=self.dtype, name=name)(h)
           ds //= 2
+        h = self._constrain(h)
         n += 1
 
     h = nn.silu(group_norm("out_norm", self.norm_eps, self.norm_groups)(h)).astype(self.dtype)

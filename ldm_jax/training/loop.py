@@ -201,7 +201,9 @@ class Trainer:
     init_fn = lambda rng, batch: self.stage.init(rng, model_inputs(batch))  # noqa: E731
     abstract_state = jax.eval_shape(init_fn, rng, self.abstract_batch)
     self.state_shardings = self._shardings(abstract_state)
-    self.frozen_shardings = self._shardings(self.stage.frozen)
+    # Frozen weights are never updated: replicated, they cost no all-gather per step.
+    self.frozen_shardings = (self._shardings(self.stage.frozen) if c.mesh.shard_frozen else
+                             jax.tree_util.tree_map(lambda _: self.replicated, self.stage.frozen))
     self.frozen = jax.device_put(self.stage.frozen, self.frozen_shardings)
     restored = None
     if self.checkpointer.latest_step() is not None:

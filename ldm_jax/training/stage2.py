@@ -21,6 +21,7 @@ from ldm_jax.data.text import tokenizer_for
 from ldm_jax.first_stage import load_first_stage
 from ldm_jax.ldm import LatentDiffusion
 from ldm_jax.models.build import dtype_of
+from ldm_jax.parallel.mesh import batch_sharding
 from ldm_jax.training import optim
 from ldm_jax.training.stages import Stage, apply_step
 from ldm_jax.training.state import TrainState
@@ -65,7 +66,8 @@ class LatentDiffusionStage(Stage):
       if classes is None:
         labelled = conditions.needs_labels(c.cond)
         classes = c.cond.num_classes or (source.num_classes if labelled else 0)
-      self.ldm = LatentDiffusion(c, self.first, num_classes=classes, tokenizer=self.tokenizer)
+      self.ldm = LatentDiffusion(c, self.first, num_classes=classes, tokenizer=self.tokenizer,
+                                 activation_sharding=batch_sharding(self.mesh))
     if not c.first_stage.precompute_latents:
       return source
     conditions.check_cacheable(c.cond)
