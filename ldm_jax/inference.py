@@ -24,7 +24,8 @@ from ldm_jax.data.text import TextTokenizer, tokenizer_for
 from ldm_jax.errors import JobError
 from ldm_jax.first_stage import FirstStage, load_first_stage
 from ldm_jax.ldm import LatentDiffusion, SampleSettings, tiled_decode  # noqa: F401 (re-export)
-from ldm_jax.models.build import build_autoencoder, dtype_of
+from ldm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from ldm_jax.models.build import DTYPES, build_autoencoder, dtype_of, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -36,6 +37,9 @@ class Pipeline:
   frozen: dict           # {'autoencoder': variables}
   scale_factor: float
   source: str
+  # The compute dtype the model's config names ('auto' too); load_pipeline(dtype=...) may
+  # sample in another.
+  trained_dtype: str | None = None
 
   @property
   def config(self):
@@ -106,16 +110,17 @@ def _single_device(tree):
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
-def _from_export(path: str) -> Pipeline:
+def _from_export(path: str, runtime: dict) -> Pipeline:
   variables, meta, config = load_inference(path)
-  config = ml_collections.ConfigDict(config)
   if meta.get("stage") != "ldm":
     raise CheckpointError(f"'{path}' exports a '{meta.get('stage')}' model; sampling needs an "
                           f"LDM export")
+  config, trained_dtype = _with_runtime(ml_collections.ConfigDict(config), **runtime)
   ae_config = ml_collections.ConfigDict(meta["autoencoder_config"])
   module = build_autoencoder(ae_config.model, image_size=ae_config.data.image_size,
                              channels=ae_config.data.channels,
-                             dtype=dtype_of(config.train.compute_dtype))
+                             dtype=dtype_of(config.train.compute_dtype),
+                             attention_impl=runtime["attention"] or "auto")
   first = FirstStage(module, variables["autoencoder"], ae_config, "export",
                      meta.get("first_stage") or {})
   tokenizer = None
@@ -125,7 +130,7 @@ def _from_export(path: str) -> Pipeline:
                         tokenizer=tokenizer)
   params = {"unet": variables["unet"]["params"], "cond": variables["cond"]["params"]}
   return Pipeline(ldm, params, {"autoencoder": first.variables}, float(meta["scale_factor"]),
-                  f"export {path}")
+                  f"export {path}", trained_dtype)
 
 
 def _workdir_facts(path: str, checkpointer: Checkpointer):
@@ -143,16 +148,20 @@ def _workdir_facts(path: str, checkpointer: Checkpointer):
   return config, {"num_classes": classes_in_weights(checkpointer.saved_shapes(), config)}
 
 
-def _from_workdir(path: str) -> Pipeline:
+def _from_workdir(path: str, runtime: dict) -> Pipeline:
   checkpointer = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
   if checkpointer.latest_step() is None:
     raise CheckpointError(f"'{path}/checkpoints' holds no checkpoint")
   config, facts = _workdir_facts(path, checkpointer)
   if config.get("stage") != "ldm":
     raise CheckpointError(f"'{path}' is a '{config.get('stage')}' run; sampling needs an LDM")
+  config, trained_dtype = _with_runtime(config, **runtime)
   pinned = (facts.get("first_stage") or {}).get("step")
   first = load_first_stage(config.first_stage.checkpoint, config.first_stage.use_ema,
                            dtype_of(config.train.compute_dtype), step=pinned)
+  if runtime["attention"] is not None:
+    first = dataclasses.replace(first, module=first.module.clone(
+        attention_impl=runtime["attention"]))
   recorded = facts.get("tokenizer")
   if recorded and os.path.isfile(recorded):
     tokenizer = TextTokenizer(recorded, config.cond.text_max_length)
@@ -167,17 +176,45 @@ def _from_workdir(path: str) -> Pipeline:
       "model_state": _single_device({"scale_factor": jax.ShapeDtypeStruct((), jnp.float32)})})
   return Pipeline(ldm, restored[key], {"autoencoder": first.variables},
                   float(restored["model_state"]["scale_factor"]),
-                  f"{path} step {checkpointer.latest_step()}")
+                  f"{path} step {checkpointer.latest_step()}", trained_dtype)
 
 
-def load_pipeline(path: str) -> Pipeline:
-  """A Pipeline from an inference export or a stage-2 training workdir (EMA weights)."""
+def load_pipeline(path: str, *, dtype: str | None = None,
+                  attention: str | None = None) -> Pipeline:
+  """A Pipeline from an inference export or a stage-2 training workdir (EMA weights).
+
+  `dtype` ('auto', 'float32', 'bfloat16') is the compute dtype of the UNet, the conditioning
+  encoder and the autoencoder (the weights stay as stored); `attention` ('auto', 'xla',
+  'cudnn') the attention kernel of the UNet and the autoencoder. None keeps the config's.
+  """
+  if dtype is not None and dtype not in COMPUTE_DTYPES:
+    raise JobError(f"--dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+  if attention is not None and attention not in ATTENTION_IMPLS:
+    raise JobError(f"--attention: expected one of {', '.join(ATTENTION_IMPLS)}, got "
+                   f"{attention!r}")
+  runtime = {"dtype": dtype, "attention": attention}
   if is_inference_export(path):
-    return _from_export(path)
+    return _from_export(path, runtime)
   if not os.path.isdir(os.path.join(path, "checkpoints")):
     raise CheckpointError(f"'{path}' is neither an ldm_jax export nor a training workdir (no "
                           f"meta.json or checkpoints/)")
-  return _from_workdir(path)
+  return _from_workdir(path, runtime)
+
+
+COMPUTE_DTYPES = ("auto", *DTYPES)
+
+
+def _with_runtime(config, *, dtype: str | None, attention: str | None):
+  """(config, its own compute dtype): the config set to sample with another compute dtype and
+  attention kernel (None keeps the config's). Modules are built from the config, so this
+  changes what they compute in, never the stored weights. 'auto' is resolved here (to bfloat16
+  on GPU/TPU, float32 on CPU), so the config names the dtype the samples are computed in."""
+  trained = config.train.compute_dtype
+  if dtype is not None:
+    config.train.compute_dtype = resolve_dtype(dtype)
+  if attention is not None:
+    config.unet.attention_impl = attention
+  return config, trained
 
 
 def classes_in_weights(shapes: dict[str, tuple], config) -> int:

@@ -1,10 +1,14 @@
 """Sampling jobs and exports: a resumed job writes exactly the files of an uninterrupted one,
 one compilation serves a whole job, samples do not depend on batching, exports round-trip, and
-tiled decoding blends tiles exactly."""
+tiled decoding blends tiles exactly; PNGs are written on a thread while the next batch runs,
+the compute dtype and attention kernel are set at load time, and the batch can fill the devices."""
 import filecmp
 import json
 import os
+import pathlib
+import re
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,7 @@ from jax.sharding import Mesh
 from ldm_jax import sampling_job
 from ldm_jax.checkpoint import CheckpointError
 from ldm_jax.inference import Pipeline, export_pipeline, load_pipeline, tiled_decode
+from ldm_jax.data.preprocess import to_uint8
 from ldm_jax.first_stage import load_first_stage
 from ldm_jax.ldm import LatentDiffusion
 from tests.conftest import load_config
@@ -180,3 +185,118 @@ def test_jobs_are_checked_against_the_model(tmp_path):
   with pytest.raises(sampling_job.JobError, match="nothing to sample"):
     sampling_job.job_for(pipe)
   assert sampling_job.job_for(pipe, num_samples=3).num_samples == 3
+
+
+def test_pngs_are_written_on_a_thread_while_the_next_batch_runs(pipeline, tmp_path,
+                                                                monkeypatch):
+  """Batch k+1 is dispatched before batch k is fetched; a writer thread (not the main one)
+  writes the PNGs, and they hold exactly the pixels generate returns."""
+  events, real_save, real_condition = [], sampling_job.save_png, pipeline.condition_batch
+  real_gather = sampling_job.multihost_utils.process_allgather
+
+  def saving(path, image):
+    if os.path.basename(os.path.dirname(path)) == "images":   # not grid.png
+      events.append(("write", threading.current_thread() is threading.main_thread()))
+    real_save(path, image)
+
+  def gathering(x, **kw):
+    if getattr(x, "ndim", 0) == 4:   # images (sync_global_devices gathers too)
+      events.append("fetch")
+    return real_gather(x, **kw)
+
+  monkeypatch.setattr(sampling_job, "save_png", saving)
+  monkeypatch.setattr(pipeline, "condition_batch",
+                      lambda *a, **kw: events.append("dispatch") or real_condition(*a, **kw))
+  monkeypatch.setattr(sampling_job.multihost_utils, "process_allgather", gathering)
+  job = sampling_job.job_for(pipeline, per_class=1, classes=[0, 2, 4, 6, 9], batch_size=2)
+  assert run(pipeline, job, tmp_path)["generated"] == 5
+  order = [e for e in events if isinstance(e, str)]
+  assert order == ["dispatch", "dispatch", "fetch", "dispatch", "fetch", "fetch"]
+  assert [e for e in events if not isinstance(e, str)] == [("write", False)] * 5
+  # The reference: the job's program called batch by batch on the main thread, as before.
+  generate, params, frozen = sampling_job._compile(  # pylint: disable=protected-access
+      pipeline, job, ONE_DEVICE)
+  expected = []
+  for idx in ([0, 1], [2, 3], [4, 4]):
+    images = generate(params, frozen, jax.random.PRNGKey(0), jnp.asarray(idx, jnp.int32),
+                      real_condition(2, labels=[job.labels[i] for i in idx]))
+    expected.extend(to_uint8(np.asarray(images)))
+  written = np.load(tmp_path / "samples.npz")["images"]
+  np.testing.assert_array_equal(written, np.asarray(expected[:5]))
+
+
+def test_a_failed_write_is_one_job_error_and_the_job_resumes(pipeline, tmp_path, monkeypatch):
+  real, calls = sampling_job.save_png, []
+
+  def full_disk(path, image):
+    calls.append(path)
+    if len(calls) == 3:
+      raise OSError(28, "No space left on device")
+    real(path, image)
+
+  monkeypatch.setattr(sampling_job, "save_png", full_disk)
+  kw = dict(per_class=1, classes=[1, 3, 5, 7, 8], batch_size=2)
+  with pytest.raises(sampling_job.JobError) as caught:
+    run(pipeline, sampling_job.job_for(pipeline, **kw), tmp_path)
+  message = str(caught.value)
+  assert "\n" not in message and "000002.png" in message and "No space left" in message
+  assert "rerun the same command" in message
+  assert _files(tmp_path) == ["000000.png", "000001.png"]   # nothing after the failure
+  assert not list((tmp_path / "images").glob("*.tmp"))
+  monkeypatch.undo()
+  result = run(pipeline, sampling_job.job_for(pipeline, **kw), tmp_path)
+  assert result["skipped"] == 2 and result["generated"] == 3
+
+
+def test_bfloat16_samples_are_close_to_float32_ones(pipeline, trained, tmp_path):
+  """load_pipeline(dtype=...) changes the modules' compute dtype, not the weights; the pixels
+  move a little (measured on CPU: mean |diff| 0.86 of 255, max 5, 60% of the pixels differ) and
+  the job records the dtype, so a resume in another one is refused. `attention` reaches the
+  UNet (through unet.attention_impl) and the autoencoder."""
+  bf16 = load_pipeline(trained, dtype="bfloat16", attention="xla")
+  assert bf16.config.train.compute_dtype == "bfloat16"
+  assert bf16.trained_dtype == pipeline.config.train.compute_dtype
+  assert bf16.ldm.unet.dtype == jnp.bfloat16 and bf16.ldm.first.module.dtype == jnp.bfloat16
+  for a, b in zip(jax.tree_util.tree_leaves(pipeline.params),
+                  jax.tree_util.tree_leaves(bf16.params)):
+    assert a.dtype == b.dtype
+  assert bf16.ldm.unet.attention_impl == "xla" == bf16.ldm.first.module.attention_impl
+  job = dict(per_class=1, classes=[3, 8], batch_size=0)   # auto: 2 on one CPU device
+  assert run(pipeline, sampling_job.job_for(pipeline, **job), tmp_path / "f32")[
+      "batch_size"] == 2
+  run(bf16, sampling_job.job_for(bf16, **job), tmp_path / "bf16")
+  f32_images = np.load(tmp_path / "f32" / "samples.npz")["images"].astype(np.float32)
+  bf16_images = np.load(tmp_path / "bf16" / "samples.npz")["images"].astype(np.float32)
+  diff = np.abs(f32_images - bf16_images)
+  assert 0 < diff.mean() < BF16_MEAN_ABS_DIFF and diff.max() <= BF16_MAX_ABS_DIFF, diff
+  with pytest.raises(sampling_job.JobError, match=r"differs in dtype\).*--dtype=bfloat16"):
+    run(pipeline, sampling_job.job_for(pipeline, **job), tmp_path / "bf16")
+
+
+BF16_MEAN_ABS_DIFF, BF16_MAX_ABS_DIFF = 3.0, 32   # uint8 levels; ~3x and ~6x the measured
+
+
+def test_unknown_dtype_or_attention_is_one_job_error(trained):
+  with pytest.raises(sampling_job.JobError, match="--attention: expected one of"):
+    load_pipeline(trained, attention="flash")
+  with pytest.raises(sampling_job.JobError, match="--dtype: expected one of"):
+    load_pipeline(trained, dtype="float16")
+
+
+def test_auto_batch_fills_the_devices():
+  """64 per accelerator up to 32x32 latents, fewer by area beyond; 16 in all on CPU; a multiple
+  of the device count, and no more than the job (rounded up to the devices)."""
+  auto = sampling_job.auto_batch_size
+  assert auto(1000, (8, 8), 8, "cpu") == 16 and auto(1000, (8, 8), 1, "cpu") == 16
+  assert auto(1000, (8, 8), 3, "cpu") == 15
+  assert auto(5, (8, 8), 1, "cpu") == 5 and auto(5, (8, 8), 8, "cpu") == 8
+  assert auto(10_000, (32, 32), 8, "gpu") == 512 and auto(10_000, (16, 16), 4, "tpu") == 256
+  assert auto(10_000, (64, 64), 8, "gpu") == 128 and auto(10_000, (256, 256), 8, "gpu") == 8
+  assert auto(10, (32, 32), 8, "gpu") == 16
+
+
+def test_readme_documents_the_speed_flags():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  section = re.search(r"## Sampling and export\n(.*?)\n## ", readme, re.S).group(1)
+  for flag in ("--batch_size", "--dtype", "--attention"):
+    assert flag in section, flag
