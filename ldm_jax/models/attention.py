@@ -81,7 +81,7 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
   With `block_bytes` (what the CPU gets, see `attention`) the (batch x head) slices are computed
   a group at a time by lax.map, each group's float32 logits within `block_bytes`: on a CPU the
   (B, heads, Lq, Lk) weights of one big batched matmul spill out of the caches, and this
-  was 4.5x faster forward and backward at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Without it
+  made forward + backward 4.5x faster at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Without it
   (accelerators) every slice is one batched computation."""
   b, lq, heads, d = q.shape
   lk = k.shape[1]
@@ -98,7 +98,8 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
 
 
 # On a CPU, each lax.map group of attention slices keeps its float32 logits within this many
-# bytes (about an L2 cache; 1 MiB measured best of 1, 4 and 16 MiB, benchmarks/RESULTS.md).
+# bytes (about an L2 cache: at 256 tokens 1 MiB groups beat 256 KiB and 4 MiB ones,
+# benchmarks/RESULTS.md).
 CPU_BLOCK_BYTES = 1 << 20
 
 
