@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from ldm_jax import config as config_lib
 from ldm_jax.first_stage import FirstStage
+from ldm_jax.models.attention import cudnn_unfit_reason
 from ldm_jax.models.build import build_autoencoder
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -38,50 +38,18 @@ def load_config(path: str):
   return module.get_config()
 
 
-def set_remat(section, value: str, notes: list) -> str:
-  """Sets `section.remat` ('none' | 'full' | 'block' | 'save_dots'); returns what applies.
-
-  A schema whose remat is still a boolean takes True for anything but 'none' (per-block remat,
-  what True always meant), and the result says so."""
-  if isinstance(section.remat, bool):
-    section.remat = value != "none"
-    if value not in ("none", "block"):
-      notes.append(f"remat={value!r} asked, but this config's remat field is boolean: "
-                   f"ran remat=True (per block)")
-    return "block" if section.remat else "none"
-  section.remat = value
-  return value
-
-
-def resolve_attention(value: str, dtype: str, choices, notes: list) -> str:
-  """The attention_impl to set: 'auto' passes through when the schema knows it, else becomes
-  'cudnn' for bfloat16 on a GPU and 'xla' otherwise; 'cudnn' off a GPU becomes 'xla'."""
-  gpu = jax.default_backend() == "gpu"
-  if value == "auto" and "auto" not in (choices or ()):
-    value = "cudnn" if gpu and dtype == "bfloat16" else "xla"
-    notes.append(f"attention 'auto' is not a config choice yet: resolved to {value!r}")
-  if value == "cudnn" and not gpu:
-    notes.append("attention 'cudnn' needs an NVIDIA GPU: ran 'xla'")
-    value = "xla"
-  return value
-
-
 def attention_resolved(impl: str, dtype: str, head_dim: int) -> str:
-  """What an attention_impl runs here: 'auto' resolved the way the library does when it can
-  tell (ldm_jax.models.attention.cudnn_unfit_reason), else as given."""
+  """What an attention_impl runs here: 'auto' resolved the way the library does
+  (ldm_jax.models.attention.cudnn_unfit_reason), else as given; the library itself falls back
+  from 'cudnn' where the kernel cannot run, and warns once."""
   if impl != "auto":
-    return impl
-  try:
-    from ldm_jax.models.attention import cudnn_unfit_reason  # pylint: disable=g-import-not-at-top
-  except ImportError:
     return impl
   q = jax.ShapeDtypeStruct((1, 1, 1, head_dim), jnp.dtype(dtype))
   reason = cudnn_unfit_reason(q, q)
   return "cudnn" if reason is None else f"xla ({reason})"
 
 
-def ldm_config(*, dtype: str, remat: str, attention: str, tiny: bool, image_size: int,
-               notes: list):
+def ldm_config(*, dtype: str, remat: str, attention: str, tiny: bool, image_size: int):
   """configs/ldm_kl8_imagenet.py (class context, 32x32x4 latents at 256 px), or a tiny one."""
   c = load_config(LDM_CONFIG)
   c.train.compute_dtype = dtype
@@ -91,9 +59,7 @@ def ldm_config(*, dtype: str, remat: str, attention: str, tiny: bool, image_size
     c.unet.model_channels, c.unet.channel_mult, c.unet.num_res_blocks = 32, (1, 2), 1
     c.unet.attention_resolutions, c.unet.num_head_channels = (2,), 16
     c.cond.embed_dim = 32
-  set_remat(c.unet, remat, notes)
-  choices = config_lib.fields("ldm")["unet.attention_impl"].choices
-  c.unet.attention_impl = resolve_attention(attention, dtype, choices, notes)
+  c.unet.remat, c.unet.attention_impl = remat, attention
   return c
 
 
@@ -109,11 +75,8 @@ def ae_config(*, dtype: str, remat: str, attention: str, tiny: bool, image_size:
   if tiny:
     c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 1, 2, 2), 1
     c.disc.base_channels, c.disc.num_layers = 32, 2
-  set_remat(c.model, remat, notes)
-  if "attention_impl" in c.model:
-    choices = config_lib.fields("autoencoder")["model.attention_impl"].choices
-    c.model.attention_impl = resolve_attention(attention, dtype, choices, notes)
-  elif attention != "auto":
+  c.model.remat = remat
+  if attention != "auto":
     notes.append(f"the autoencoder config has no attention_impl: its mid-block attention ran "
                  f"the library's default, not {attention!r}")
   return c

