@@ -6,7 +6,15 @@
       --steps=20
   python sample.py --checkpoint=runs/ldm_coco --out=samples/t --prompts=prompts.txt --per_prompt=4
 
-Writes <out>/images/NNNNNN.png, <out>/samples.npz and <out>/grid.png. Rerunning the same command
+  python sample.py --checkpoint=runs/ldm_sr_cifar --out=up --task=upscale --inputs=photos/
+  python sample.py --checkpoint=runs/ldm_inpaint --out=filled --task=inpaint --inputs=imgs/ \
+      --masks=masks/
+
+--task picks the mode: generate (unconditional, per class, per prompt), upscale (a
+super-resolution model on a folder of images of any size), inpaint (images + white-is-fill mask
+PNGs; an inpainting model, or mask-blend sampling with any unconditional or class model).
+generate writes <out>/images/NNNNNN.png, <out>/samples.npz and <out>/grid.png; upscale and
+inpaint write <out>/images/<input's relative path>.png. Rerunning the same command
 resumes an interrupted job: only missing samples are generated, and they are the same pixels.
 --batch_size, --dtype and --attention default to what runs fastest on the devices found (see
 --help). The devices compute the next batch while a background thread writes the last one.
@@ -25,6 +33,17 @@ from ldm_jax import cli  # noqa: E402
 from ldm_jax.errors import JobError  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "A stage-2 training workdir or an inference export.")
+flags.DEFINE_enum("task", "generate", ["generate", "upscale", "inpaint"],
+                  "generate: samples from noise (--num_samples, --per_class, --prompts); "
+                  "upscale: a super-resolution model upscales every image of --inputs (any "
+                  "size; --tile bounds memory); inpaint: fills the white region of each "
+                  "--masks PNG in its --inputs image (one --classes value for class models).")
+flags.DEFINE_string("inputs", None, "upscale/inpaint: folder of input images (nested folders "
+                    "too); outputs keep their relative paths.")
+flags.DEFINE_string("masks", None, "inpaint: folder of mask PNGs at the images' relative paths, "
+                    "the images' size; white (>= 128) = fill, black = keep.")
+flags.DEFINE_bool("composite", True, "inpaint: paste the known pixels back, so the output "
+                  "equals the input outside the mask (else the decoder's reconstruction).")
 flags.DEFINE_string("out", None, "Output folder (resumable).")
 flags.DEFINE_integer("num_samples", 0, "Samples of an unconditional model (or spread over all "
                      "classes of a class-conditional one).")
@@ -53,8 +72,9 @@ flags.DEFINE_enum("spacing", None, ["auto", "uniform", "quad", "logsnr"], "Times
 flags.DEFINE_integer("seed", 0, "Seed of the job; sample i's noise derives from (seed, i).")
 flags.DEFINE_integer("image_size", None, "Sample larger (or smaller) images than the training "
                      "size: the UNet runs convolutionally on the larger latent.")
-flags.DEFINE_integer("tile", 0, "Decode latents in overlapping tiles of this many latent pixels "
-                     "(bounds decoder memory for large images); 0 decodes whole.")
+flags.DEFINE_integer("tile", 0, "Decode latents (and, for upscale/inpaint, denoise them) in "
+                     "overlapping tiles of this many latent pixels: bounds memory for large "
+                     "images; 0 = whole.")
 flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS
@@ -79,6 +99,38 @@ def _classes(values):
                    f"--classes=0,7), got {','.join(values)}") from None
 
 
+def _check_task_flags(classes):
+  """Flags that do not fit --task, as a JobError naming them."""
+  if FLAGS.task == "generate":
+    for name in ("inputs", "masks"):
+      if getattr(FLAGS, name):
+        raise JobError(f"--{name}: only --task=upscale/inpaint read input files (add --task)")
+    return
+  if not FLAGS.inputs:
+    raise JobError(f"--task={FLAGS.task}: give --inputs (a folder of images)")
+  if FLAGS.masks and FLAGS.task != "inpaint":
+    raise JobError("--masks: only --task=inpaint reads masks")
+  for name in ("num_samples", "per_class", "prompts", "image_size"):
+    if getattr(FLAGS, name):
+      raise JobError(f"--{name}: --task={FLAGS.task} makes one output per input image; drop it")
+  if len(classes) > 1:
+    raise JobError(f"--classes: --task={FLAGS.task} takes one class for every fill, got "
+                   f"{len(classes)}")
+
+
+def _run_file_job(pipeline, classes):
+  from ldm_jax import image_tasks  # pylint: disable=g-import-not-at-top
+  job = image_tasks.FileJob(
+      FLAGS.task, FLAGS.inputs, FLAGS.masks, classes[0] if classes else None, seed=FLAGS.seed,
+      batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
+      guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing, tile=FLAGS.tile,
+      composite=FLAGS.composite)
+  result = image_tasks.run(pipeline, job, FLAGS.out)
+  print(f"{FLAGS.task}: {result['generated']} images written to {FLAGS.out}/images "
+        f"({result['skipped']} were already there), {result['samples_per_sec']:.2f} images/s, "
+        f"{result['compilations']} compilation(s)")
+
+
 def main(argv):
   del argv  # cli.absl_flags_parser refuses positional arguments
   # pylint: disable=g-import-not-at-top
@@ -89,7 +141,11 @@ def main(argv):
   with cli.friendly_errors():
     maybe_initialize_distributed()
     classes, prompts = _classes(FLAGS.classes), _prompts(FLAGS.prompts)
+    _check_task_flags(classes)
     pipeline = load_pipeline(FLAGS.checkpoint, dtype=FLAGS.dtype, attention=FLAGS.attention)
+    if FLAGS.task != "generate":
+      _run_file_job(pipeline, classes)
+      return
     job = sampling_job.job_for(
         pipeline, num_samples=FLAGS.num_samples, per_class=FLAGS.per_class,
         classes=classes, prompts=prompts, per_prompt=FLAGS.per_prompt,

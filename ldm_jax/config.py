@@ -319,6 +319,11 @@ _LDM = {
                     "downsampled to the latent grid (super-resolution); inpaint = encoded masked "
                     "image + mask; segmentation = one-hot semantic map through a "
                     "SpatialRescaler.", choices=("lowres", "inpaint", "segmentation")),
+        "degradation": F("bicubic", "lowres: how training images become low-resolution "
+                         "inputs. bicubic (SR3/LDM-SR); bsr = a random chain of blurs, resizes, "
+                         "Gaussian/Poisson noise and JPEG in shuffled order (BSRGAN-style, "
+                         "ranges in ldm_jax/data/degradations.py), for real-world inputs.",
+                         choices=("bicubic", "bsr")),
         "num_classes": F(0, "Classes of class/adm conditioning; 0 takes the dataset's count."),
         "embed_dim": F(512, "Width of the class/text context (the UNet's context_dim)."),
         "p_uncond": F(0.1, "Probability of replacing an example's condition by the null "

@@ -14,10 +14,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ldm_jax.conditioner import Conditioner, check_conditioning
-from ldm_jax.diffusion import process, samplers
+from ldm_jax.diffusion import process, samplers, tiling
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.errors import ConfigError
 from ldm_jax.first_stage import FirstStage
@@ -136,9 +135,10 @@ class LatentDiffusion:
 
   # -- sampling --------------------------------------------------------------------------------
   def sample(self, params, frozen_ae, scale, cond_batch, x_T, noise_keys,
-             settings: SampleSettings = SampleSettings(), mask=None):
+             settings: SampleSettings = SampleSettings(), mask=None, tile: int = 0):
     """Latents from noise x_T, conditioned on cond_batch (guided when the model is conditional
-    and guidance_scale != 1)."""
+    and guidance_scale != 1); `mask` (a samplers.Mask) keeps known latents; `tile` > 0 runs
+    the UNet on overlapping tiles of that many latent pixels (diffusion/tiling.py)."""
     s = settings.resolve(self.config.sample)
     keep = jnp.zeros((x_T.shape[0],), bool)
     cond = self.conditions(params, cond_batch, frozen_ae, keep, scale)
@@ -150,27 +150,66 @@ class LatentDiffusion:
                   mask=mask, eta=s.eta, spacing=s.spacing)
     if s.sampler != "ddpm":
       kwargs["steps"] = s.steps
-    return samplers.sample(s.sampler, self.model_fn(params), self.schedule, x_T, cond,
-                           noise_keys, **kwargs)
+    model = tiling.tiled_model(self.model_fn(params), tile, multiple=self.unet_multiple)
+    return samplers.sample(s.sampler, model, self.schedule, x_T, cond, noise_keys, **kwargs)
 
   def decode(self, frozen_ae, z, scale, tile: int = 0):
     """Scaled latents -> images (unclipped); `tile` > 0 decodes in overlapping tiles."""
     decode = lambda lat: self.first.decode(frozen_ae, lat / scale)  # noqa: E731
     return tiled_decode(decode, z, tile, self.first.downsample_factor) if tile else decode(z)
 
-  def latent_shape(self, batch: int, image_size: int | None = None):
-    size = (image_size or self.config.data.image_size) // self.first.downsample_factor
-    return (batch, size, size, self.first.latent_channels)
+  @property
+  def unet_multiple(self) -> int:
+    """Latent sides must be multiples of this (the UNet's downsamplings)."""
+    return 2 ** (len(self.config.unet.channel_mult) - 1)
+
+  def latent_shape(self, batch: int, image_size=None):
+    """(batch, h, w, C) latents of images of `image_size` (an int, (H, W), or None for the
+    config's data.image_size)."""
+    size = image_size or self.config.data.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    f = self.first.downsample_factor
+    return (batch, h // f, w // f, self.first.latent_channels)
+
+  def image_size_of(self, cond_batch) -> tuple[int, int] | None:
+    """The (H, W) a spatial condition fixes: a low-resolution input's size times f, or the
+    size of the image to inpaint or of the semantic map; None without one."""
+    f = self.first.downsample_factor
+    if "lowres" in cond_batch:
+      return cond_batch["lowres"].shape[1] * f, cond_batch["lowres"].shape[2] * f
+    for key in ("image", "segmentation"):
+      if key in cond_batch:
+        return tuple(cond_batch[key].shape[1:3])
+    return None
+
+  def known_region(self, frozen_ae, scale, image, fill_mask):
+    """samplers.Mask keeping the latents of `image` outside `fill_mask` (B, H, W, 1; 1 = region
+    to generate): a latent pixel is regenerated when any of its f x f pixels is to be filled."""
+    f = self.first.downsample_factor
+    b, h, w, _ = fill_mask.shape
+    fill = fill_mask.reshape(b, h // f, f, w // f, f, 1).max(axis=(2, 4))
+    known = self.first.latent(frozen_ae, image, None) * scale
+    return samplers.Mask(mask=1.0 - fill, known=known)
 
   def generate(self, params, frozen_ae, scale, key, indices, cond_batch,
-               settings: SampleSettings = SampleSettings(), image_size=None, tile: int = 0):
+               settings: SampleSettings = SampleSettings(), image_size=None, tile: int = 0,
+               inpaint: bool = False):
     """Images of samples `indices` (B,): sample i's noise is drawn from fold_in(key, i), so it
-    does not depend on the batch it lands in, the device count, or a resume."""
-    shape = self.latent_shape(indices.shape[0], image_size)[1:]
+    does not depend on the batch it lands in, the device count, or a resume.
+
+    The image size is `image_size`, else the one a spatial condition in cond_batch fixes (a
+    super-resolution input of any size), else the config's. `inpaint` keeps cond_batch's
+    'image' outside its 'mask' (1 = fill): mask-blend sampling, for a model of any route.
+    `tile` > 0 denoises and decodes in overlapping tiles of that many latent pixels.
+    """
+    size = image_size or self.image_size_of(cond_batch)
+    shape = self.latent_shape(indices.shape[0], size)[1:]
     sample_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
     x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(sample_keys)
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(sample_keys)
-    z = self.sample(params, frozen_ae, scale, cond_batch, x_T, noise_keys, settings)
+    mask = (self.known_region(frozen_ae, scale, cond_batch["image"], cond_batch["mask"])
+            if inpaint else None)
+    z = self.sample(params, frozen_ae, scale, cond_batch, x_T, noise_keys, settings, mask, tile)
     return jnp.clip(self.decode(frozen_ae, z, scale, tile), -1.0, 1.0)
 
   def describe(self) -> dict:
@@ -192,33 +231,6 @@ def _check_first_stage(config, first: FirstStage):
 
 
 def tiled_decode(decode_fn, z, tile: int, factor: int, overlap: float = 0.25):
-  """Decodes latents (B, h, w, C) in overlapping `tile` x `tile` latent tiles, blending the
-  decoded tiles with linear ramps, so memory grows with the tile, not the image.
-
-  Tiles are decoded one after another (lax.map) through the same compiled decoder.
-  """
-  b, h, w, _ = z.shape
-  if tile >= h and tile >= w:
-    return decode_fn(z)
-  stride = max(1, int(tile * (1 - overlap)))
-  tile_h, tile_w = min(tile, h), min(tile, w)
-
-  def starts(size, t):
-    s = list(range(0, max(size - t, 0) + 1, stride))
-    if s[-1] != size - t:
-      s.append(size - t)
-    return s
-
-  origins = [(y, x) for y in starts(h, tile_h) for x in starts(w, tile_w)]
-  tiles = jnp.stack([z[:, y:y + tile_h, x:x + tile_w] for y, x in origins])
-  decoded = jax.lax.map(decode_fn, tiles)               # (T, B, th*f, tw*f, C)
-  ramp = lambda n: np.minimum(np.arange(1, n + 1), np.arange(n, 0, -1)).astype(  # noqa: E731
-      np.float32)
-  weight = np.outer(ramp(tile_h * factor), ramp(tile_w * factor))[None, :, :, None]
-  out = jnp.zeros((b, h * factor, w * factor, decoded.shape[-1]), decoded.dtype)
-  norm = jnp.zeros((1, h * factor, w * factor, 1), decoded.dtype)
-  for k, (y, x) in enumerate(origins):
-    ys, xs = slice(y * factor, (y + tile_h) * factor), slice(x * factor, (x + tile_w) * factor)
-    out = out.at[:, ys, xs].add(decoded[k] * weight)
-    norm = norm.at[:, ys, xs].add(weight)
-  return out / norm
+  """Decodes latents (B, h, w, C) in overlapping `tile` x `tile` latent tiles blended with
+  linear ramps (diffusion/tiling.py), so memory grows with the tile, not the image."""
+  return tiling.tiled_apply(decode_fn, [z], tile, factor, overlap)

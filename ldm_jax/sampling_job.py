@@ -104,7 +104,7 @@ def _png_path(out: str, i: int) -> str:
   return os.path.join(out, "images", f"{i:06d}.png")
 
 
-def _check_job(out: str, spec: dict, trained_dtype: str | None = None):
+def check_job(out: str, spec: dict, trained_dtype: str | None = None):
   """Records the job's spec in out/job.json, or checks the one there is the same. Jobs from
   before the spec had a dtype sampled in the model's own (`trained_dtype`)."""
   path = os.path.join(out, "job.json")
@@ -133,7 +133,7 @@ def run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None = None) -> dic
 def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
   mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
   batch = _batch_size(pipeline, job, mesh)
-  _check_job(out, _spec(pipeline, job), pipeline.trained_dtype)
+  check_job(out, _spec(pipeline, job), pipeline.trained_dtype)
   multihost_utils.sync_global_devices("ldm_jax sampling job start")
   done = {i for i in range(job.num_samples) if os.path.exists(_png_path(out, i))}
   generate, params, frozen = _compile(pipeline, job, mesh)
@@ -144,8 +144,8 @@ def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
               "computing in %s", job.num_samples, len(done), batch,
               "" if job.batch_size else " (auto)", mesh.devices.size,
               mesh.devices.flat[0].platform, resolve_dtype(pipeline.config.train.compute_dtype))
-  progress = _Progress(job.num_samples, len(done))
-  with _Writer(out) as writer:
+  progress = Progress(job.num_samples, len(done))
+  with Writer(out) as writer:
     # Each batch is dispatched (JAX runs it asynchronously) before the previous one is fetched
     # and handed to the writer, so the devices compute while the host gathers and writes.
     pending = None
@@ -185,8 +185,8 @@ def _compile(pipeline: Pipeline, job: Job, mesh: Mesh):
   return generate, jax.device_put(pipeline.params, rep), jax.device_put(pipeline.frozen, rep)
 
 
-def _hand_over(start: int, images, job: Job, done: set, writer: "_Writer",
-               progress: "_Progress"):
+def _hand_over(start: int, images, job: Job, done: set, writer: "Writer",
+               progress: "Progress"):
   """Waits for a batch's images, gathers them on every host, and queues host 0's new ones."""
   images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
   new = []
@@ -230,7 +230,7 @@ def auto_batch_size(num_samples: int, latent_hw: tuple[int, int], n_devices: int
   return max(n_devices, batch // n_devices * n_devices)
 
 
-class _Progress:
+class Progress:
   """Logs samples done, the rate (measured after the first batch, which includes compiling)
   and the time left."""
 
@@ -251,7 +251,7 @@ class _Progress:
                 self.total, self.rate, _eta(remaining / self.rate if self.rate > 0 else math.inf))
 
 
-class _Writer:
+class Writer:
   """Writes batches of PNGs on one background thread while the devices compute the next.
 
   At most `depth` batches wait in its queue (put blocks beyond that), so host memory stays

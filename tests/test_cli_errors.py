@@ -81,6 +81,14 @@ def test_argparse_clis_report_usage_errors_in_one_line():
   one_error_line(run_cli(["-m", "ldm_jax.export", "--out=x"]), "--workdir", "--help")
 
 
+def test_sample_task_modes_are_listed_and_a_missing_input_folder_is_named(tmp_path):
+  help_text = run_cli(["sample.py", "--helpfull"]).stdout
+  for mode in ("generate:", "upscale:", "inpaint:"):
+    assert mode in help_text
+  one_error_line(run_cli(["sample.py", f"--checkpoint={tmp_path}", f"--out={tmp_path}/o",
+                          "--task=upscale"]), "--task=upscale", "--inputs")
+
+
 def test_verbose_adds_the_traceback(tmp_path):
   for proc in (train(tmp_path, "--config.train.batch_size=abc", "--verbose"),
                train(tmp_path, "--config.train.batch_size=abc", LDM_JAX_VERBOSE="1")):

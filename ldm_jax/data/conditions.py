@@ -3,7 +3,8 @@
 A route is the pair (context, concat) of a `config.cond` section:
 
   context  'class' -> label            'text' -> tokens (caption through the tokenizer)
-  concat   'lowres' -> the image bicubic-downsampled to the latent grid (super-resolution)
+  concat   'lowres' -> the image degraded to the latent grid (super-resolution; bicubic or the
+                      BSR-style chain of cond.degradation, ldm_jax/data/degradations.py)
            'inpaint' -> a random mask (the masked image is encoded on the device)
            'segmentation' -> the integer map, cropped and flipped WITH its image
 
@@ -15,10 +16,10 @@ together. Inpainting cannot use a cache: its condition is a fresh encoding of a 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
+from ldm_jax.data import degradations
 from ldm_jax.data import masks as masks_lib
-from ldm_jax.data.preprocess import image_example_fn, to_float, to_uint8
+from ldm_jax.data.preprocess import image_example_fn
 from ldm_jax.errors import ConfigError
 
 # Spatial conditions a latent-cache entry stores next to its latent, per concat route.
@@ -43,27 +44,30 @@ def needs_labels(cond_config) -> bool:
   return context_kind(cond_config) == "class" or cond_config.type == "adm"
 
 
+def degradation(cond_config) -> str:
+  """cond.degradation ('bicubic' for configs written before the field existed)."""
+  return cond_config.get("degradation", "bicubic")
+
+
 def check_cacheable(cond_config):
   """Refuses routes whose condition cannot come from a latent cache (named fields)."""
   if concat_kind(cond_config) == "inpaint":
     raise ConfigError("first_stage.precompute_latents: cond.concat='inpaint' encodes a freshly "
                       "masked image every step, which a latent cache cannot hold; set "
                       "first_stage.precompute_latents=False")
+  if concat_kind(cond_config) == "lowres" and degradation(cond_config) == "bsr":
+    raise ConfigError("first_stage.precompute_latents: cond.degradation='bsr' draws a new "
+                      "degradation of every image at every step, which a latent cache cannot "
+                      "hold; set first_stage.precompute_latents=False (or "
+                      "cond.degradation='bicubic')")
 
 
-def downsample_image(image: np.ndarray, size: int) -> np.ndarray:
-  """A uint8 or float [-1, 1] image -> float [-1, 1] (size, size) with PIL's antialiased
-  bicubic filter."""
-  u8 = image if image.dtype == np.uint8 else to_uint8(image)
-  pil = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
-  small = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
-  return to_float(small[..., None] if small.ndim == 2 else small)
-
-
-def spatial_conditions(concat: str, image: np.ndarray, latent_size: int) -> dict:
-  """Conditions computed from an (augmented) image: the low-resolution input for 'lowres'."""
-  if concat == "lowres":
-    return {"lowres": downsample_image(image, latent_size)}
+def spatial_conditions(cond_config, image: np.ndarray, latent_size: int,
+                       rng: np.random.Generator) -> dict:
+  """Conditions computed from an (augmented) image: the degraded low-resolution input for
+  'lowres' (drawn from `rng` for 'bsr')."""
+  if concat_kind(cond_config) == "lowres":
+    return {"lowres": degradations.degrade(degradation(cond_config), image, latent_size, rng)}
   return {}
 
 
@@ -104,7 +108,7 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
                           "segmentation map (set data.segmentation_key for tfds, "
                           "data.segmentation_dir for an image folder)")
       out = image_fn(example, rng)   # crops and flips a segmentation map with its image
-      out.update(spatial_conditions(concat, out["image"], latent_size))
+      out.update(spatial_conditions(c, out["image"], latent_size, rng))
     if concat != "segmentation":
       out.pop("segmentation", None)
     for key in ("boxes", "box_classes"):   # no route conditions on boxes yet
@@ -130,7 +134,7 @@ def cache_example_fn(config, *, latent_size: int):
 
   def fn(example, rng):
     out = image_fn(example, rng)
-    out.update(spatial_conditions(concat, out["image"], latent_size))
+    out.update(spatial_conditions(config.cond, out["image"], latent_size, rng))
     keep = {"image", "label", *CACHED_CONDITIONS.get(concat, ())}
     return {k: v for k, v in out.items() if k in keep}   # no masks or boxes nobody reads
 

@@ -35,7 +35,8 @@ RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_
 ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5,
                 "data.workers": -1, "data.on_bad_image": "error", "data.index_dir": "",
                 "data.rebuild_index": False, "data.mask_dir": "", "data.segmentation_dir": "",
-                "data.max_boxes": 16, "mesh.shard_frozen": True}
+                "data.max_boxes": 16, "mesh.shard_frozen": True,
+                "cond.degradation": "bicubic"}
 # Fields old checkpoints' configs may hold that no longer exist (data.num_threads: grain's
 # data.workers replaced the thread pool).
 REMOVED_FIELDS = ("data.num_threads",)

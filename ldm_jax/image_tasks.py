@@ -1,0 +1,247 @@
+"""Sampling jobs whose inputs are files: upscale a folder (super-resolution) and inpaint images
+with masks, on every device, one output PNG per input.
+
+  upscale  a super-resolution model (cond.concat='lowres') turns each image of --inputs, of any
+           size, into one f times larger (f = the first stage's factor, x4 for LDM-SR). Sides
+           are padded (edge) to the UNet's multiple and the padding cropped away; with --tile
+           the UNet and the decoder run on overlapping tiles, so large photos fit.
+  inpaint  fills the white region of each --masks PNG (same relative path as its image, same
+           size) in its image: an inpainting model (cond.concat='inpaint') conditions on the
+           masked image; any other unconditional or class model inpaints by mask-blend
+           sampling. The known pixels are pasted back (composite), so they equal the input.
+
+Outputs go to <out>/images/<the input's relative path>.png; a rerun skips the outputs already
+there (the job is resumable), and input i's noise derives from (seed, i) as in sampling_job.
+Every input is read and checked before any compute: a file that cannot be read, or a mask of
+another size than its image, stops the job with one line naming the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ldm_jax import locks
+from ldm_jax.data.folder_index import IMAGE_EXTENSIONS
+from ldm_jax.data.preprocess import to_float
+from ldm_jax.data.sources import decode_image
+from ldm_jax.errors import BadImageError, JobError
+from ldm_jax.inference import Pipeline
+from ldm_jax.models.build import resolve_dtype
+from ldm_jax.sampling_job import Progress, Writer, auto_batch_size, check_job
+
+logger = logging.getLogger("ldm_jax")
+TASKS = ("upscale", "inpaint")
+
+
+@dataclasses.dataclass
+class FileJob:
+  """What to do with which files, and how to sample."""
+  task: str
+  inputs: str
+  masks: str | None = None
+  label: int | None = None     # inpaint with a class model: the class of every fill
+  seed: int = 0
+  batch_size: int = 0          # 0: auto
+  sampler: str | None = None
+  steps: int | None = None
+  eta: float | None = None
+  guidance_scale: float | None = None
+  spacing: str | None = None
+  tile: int = 0
+  composite: bool = True
+
+
+def list_images(folder: str, flag: str) -> list[str]:
+  """Relative paths of the images under `folder` (nested folders too), sorted."""
+  if not os.path.isdir(folder):
+    raise JobError(f"--{flag}: no such folder '{folder}'")
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.relpath(os.path.join(root, f), folder) for f in files
+              if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+  if not found:
+    raise JobError(f"--{flag}: no images in '{folder}' (extensions {', '.join(IMAGE_EXTENSIONS)})")
+  return sorted(found)
+
+
+def _read(path: str, channels: int, flag: str) -> np.ndarray:
+  try:
+    return decode_image(path, channels)
+  except BadImageError as e:
+    raise JobError(f"--{flag}: {str(e).removeprefix('data: ')}") from None
+
+
+def read_mask(path: str, shape: tuple[int, int], image_path: str) -> np.ndarray:
+  """(H, W, 1) float mask, 1 where the PNG is white (>= 128): the region to fill."""
+  mask = _read(path, 1, "masks")
+  if mask.shape[:2] != shape:
+    raise JobError(f"--masks: '{path}' is {mask.shape[1]}x{mask.shape[0]}, but its image "
+                   f"'{image_path}' is {shape[1]}x{shape[0]}; masks must match their images")
+  return (mask >= 128).astype(np.float32)
+
+
+def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
+  h, w = x.shape[:2]
+  ph, pw = -h % multiple, -w % multiple
+  return np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else x
+
+
+@dataclasses.dataclass
+class _Item:
+  index: int          # position in the sorted input list: the noise seed
+  relative: str
+  inputs: dict        # arrays of one example, padded
+  crop: tuple[int, int]
+  image: np.ndarray | None = None   # inpaint: the unpadded input, for the composite
+  mask: np.ndarray | None = None
+
+
+def check_task(pipeline: Pipeline, job: FileJob) -> str:
+  """'sr', 'concat_inpaint' or 'blend_inpaint': how the model does the job, or a JobError."""
+  cond = pipeline.ldm.cond
+  if job.task not in TASKS:
+    raise JobError(f"--task: expected one of generate, {', '.join(TASKS)}, got '{job.task}'")
+  if job.task == "upscale":
+    if cond.concat != "lowres":
+      raise JobError("--task=upscale: this model is not a super-resolution model "
+                     "(cond.concat='lowres'); train one with e.g. configs/ldm_sr_cifar.py")
+    if cond.context or cond.adm:
+      raise JobError("--task=upscale: models that also take classes or text are not supported "
+                     "by this task yet")
+    return "sr"
+  if not job.masks:
+    raise JobError("--task=inpaint: give --masks (a folder of PNGs mirroring --inputs; white = "
+                   "fill)")
+  if cond.concat == "inpaint":
+    return "concat_inpaint"
+  if cond.concat or cond.context == "text":
+    raise JobError(f"--task=inpaint: mask-blend inpainting needs an unconditional or class "
+                   f"model; this one takes {cond.concat or 'text'} conditions")
+  if (cond.context == "class" or cond.adm) and job.label is None:
+    raise JobError(f"--task=inpaint: this model is class-conditional: give --classes=C (one "
+                   f"of its {pipeline.num_classes} classes) for the fills")
+  return "blend_inpaint"
+
+
+def _items(pipeline: Pipeline, job: FileJob, mode: str) -> list[_Item]:
+  ldm = pipeline.ldm
+  channels, f = ldm.first.channels, ldm.first.downsample_factor
+  items = []
+  for i, rel in enumerate(list_images(job.inputs, "inputs")):
+    path = os.path.join(job.inputs, rel)
+    image = _read(path, channels, "inputs")
+    if mode == "sr":
+      lowres = to_float(_pad_to(image, ldm.unet_multiple))
+      items.append(_Item(i, rel, {"lowres": lowres}, (image.shape[0] * f, image.shape[1] * f)))
+      continue
+    mask_path = os.path.join(job.masks, os.path.splitext(rel)[0] + ".png")
+    if not os.path.isfile(mask_path):
+      raise JobError(f"--masks: no mask '{mask_path}' for image '{path}' (masks are PNGs at "
+                     f"the image's relative path)")
+    mask = read_mask(mask_path, image.shape[:2], path)
+    multiple = f * ldm.unet_multiple
+    inputs = {"image": to_float(_pad_to(image, multiple)),
+              "mask": np.pad(mask, ((0, -mask.shape[0] % multiple),
+                                    (0, -mask.shape[1] % multiple), (0, 0)))}
+    if job.label is not None:
+      inputs["label"] = np.int32(job.label)
+    items.append(_Item(i, rel, inputs, image.shape[:2], to_float(image), mask))
+  return items
+
+
+def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
+  spec = dataclasses.asdict(job)
+  spec.pop("batch_size")
+  names = [(it.relative, list(it.crop)) for it in items]
+  spec["inputs"] = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+  spec["masks"] = bool(job.masks)
+  spec["model"] = pipeline.source
+  spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)
+  return spec
+
+
+def output_path(out: str, relative: str) -> str:
+  return os.path.join(out, "images", os.path.splitext(relative)[0] + ".png")
+
+
+def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) -> dict:
+  """Runs (or resumes) a file job; returns {'generated', 'skipped', 'seconds',
+  'samples_per_sec', 'compilations'}."""
+  mode = check_task(pipeline, job)
+  if job.label is not None and not 0 <= job.label < pipeline.num_classes:
+    raise JobError(f"--classes: {job.label} is outside the model's {pipeline.num_classes} "
+                   f"classes")
+  items = _items(pipeline, job, mode)
+  with locks.lock_folder(out, "sampling job", enabled=jax.process_index() == 0):
+    mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
+    check_job(out, _spec(pipeline, job, items), pipeline.trained_dtype)
+    multihost_utils.sync_global_devices("ldm_jax file job start")
+    todo = [it for it in items if not os.path.exists(output_path(out, it.relative))]
+    logger.info("%s: %d input(s), %d already done, on %d %s device(s)", job.task, len(items),
+                len(items) - len(todo), mesh.devices.size, mesh.devices.flat[0].platform)
+    generate, params, frozen = _compile(pipeline, job, mode, mesh)
+    key = jax.random.PRNGKey(job.seed)
+    progress = Progress(len(items), len(items) - len(todo))
+    with Writer(out) as writer:
+      for group in _batches(todo, job, pipeline, mesh):
+        cond = {k: np.stack([it.inputs[k] for it in group]) for k in group[0].inputs}
+        idx = jnp.asarray([it.index for it in group], jnp.int32)
+        images = np.asarray(multihost_utils.process_allgather(
+            generate(params, frozen, key, idx, cond), tiled=True))
+        new = []
+        for it, image in zip(group, images):
+          image = image[:it.crop[0], :it.crop[1]]
+          if mode != "sr" and job.composite:
+            image = it.mask * image + (1.0 - it.mask) * it.image
+          new.append((output_path(out, it.relative), image))
+        if jax.process_index() == 0:
+          for path in {os.path.dirname(p) for p, _ in new}:
+            os.makedirs(path, exist_ok=True)
+          writer.put(list(dict(new).items()))   # padding repeats the last item: once
+        progress.advance(len({it.index for it in group}))
+    multihost_utils.sync_global_devices("ldm_jax file job end")
+  return {"generated": writer.written, "skipped": len(items) - len(todo),
+          "seconds": time.time() - progress.t0, "samples_per_sec": progress.rate,
+          "compilations": generate._cache_size()}  # pylint: disable=protected-access
+
+
+def _batches(items: list[_Item], job: FileJob, pipeline: Pipeline, mesh: Mesh):
+  """Batches of equal-shaped inputs, in input order within a shape, each padded (by repeating
+  its last item) to a multiple of the device count."""
+  n_dev = mesh.devices.size
+  if job.batch_size and job.batch_size % n_dev:
+    raise JobError(f"--batch_size ({job.batch_size}) must be divisible by the {n_dev} devices "
+                   f"(or 0 to choose one)")
+  by_shape: dict[tuple, list[_Item]] = {}
+  for it in items:
+    by_shape.setdefault(tuple(v.shape for v in it.inputs.values()), []).append(it)
+  for group in by_shape.values():
+    lat = pipeline.ldm.latent_shape(1, pipeline.ldm.image_size_of(
+        {k: v[None] for k, v in group[0].inputs.items()}))[1:3]
+    if job.tile:
+      lat = (min(lat[0], job.tile), min(lat[1], job.tile))
+    size = job.batch_size or auto_batch_size(len(group), lat, n_dev,
+                                             mesh.devices.flat[0].platform)
+    for s in range(0, len(group), size):
+      chunk = group[s:s + size]
+      yield chunk + [chunk[-1]] * (-len(chunk) % n_dev)
+
+
+def _compile(pipeline: Pipeline, job: FileJob, mode: str, mesh: Mesh):
+  rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  generate = jax.jit(pipeline.make_generate(
+      sampler=job.sampler, steps=job.steps, eta=job.eta, guidance_scale=job.guidance_scale,
+      spacing=job.spacing, tile=job.tile, inpaint=mode == "blend_inpaint"),
+      in_shardings=(rep, rep, rep, sharded, sharded), out_shardings=sharded)
+  return generate, jax.device_put(pipeline.params, rep), jax.device_put(pipeline.frozen, rep)
