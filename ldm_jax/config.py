@@ -324,6 +324,9 @@ _LDM = {
                          "Gaussian/Poisson noise and JPEG in shuffled order (BSRGAN-style, "
                          "ranges in ldm_jax/data/degradations.py), for real-world inputs.",
                          choices=("bicubic", "bsr")),
+        "mask_coverage": F((0.1, 0.5), "inpaint: (low, high) fraction of the image that a "
+                           "random training mask covers (thick and thin strokes plus boxes, "
+                           "ldm_jax/data/masks.py); the paper's hardest test band is 0.4-0.5."),
         "num_classes": F(0, "Classes of class/adm conditioning; 0 takes the dataset's count."),
         "embed_dim": F(512, "Width of the class/text context (the UNet's context_dim)."),
         "p_uncond": F(0.1, "Probability of replacing an example's condition by the null "

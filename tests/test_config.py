@@ -1,5 +1,6 @@
 """Config schema: defaults validate, bad fields give one clear line, every field is documented."""
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,9 +21,16 @@ def test_defaults_have_documented_fields(stage):
       assert field.default in field.choices, path
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-def test_every_shipped_config_validates(name):
-  config = load_config(name)
+def _variants(name):
+  text = (ROOT / "configs" / f"{name}.py").read_text()
+  match = re.search(r"^VARIANTS = \(([^)]*)\)", text, re.M)
+  return [None] + ([v.strip().strip('"') for v in match.group(1).split(",") if v.strip()]
+                   if match else [])
+
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n in CONFIG_FILES for v in _variants(n)])
+def test_every_shipped_config_and_variant_validates(name, variant):
+  config = load_config(name, variant)
   config_lib.validate(config)
 
 

@@ -12,6 +12,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLIS = ("ldm_jax.cli", "ldm_jax.export", "ldm_jax.quickstart", "ldm_jax.interop.convert",
+        "ldm_jax.recipes",
         "ldm_jax.evaluate", "train", "sample")
 # Each lower layer (a module or package prefix) must not import these (modules or packages).
 FORBIDDEN = {

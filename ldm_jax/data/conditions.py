@@ -117,7 +117,8 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
       out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
     if concat == "inpaint":   # the folder's own mask (data.mask_dir), else a random one
       mask = out.pop("mask", None)
-      out["mask"] = (masks_lib.random_mask(rng, size, size) if mask is None
+      coverage = tuple(c.get("mask_coverage", masks_lib.DEFAULT_COVERAGE))
+      out["mask"] = (masks_lib.random_mask(rng, size, size, coverage) if mask is None
                      else np.asarray(mask, np.float32).reshape(size, size, 1))
     else:
       out.pop("mask", None)

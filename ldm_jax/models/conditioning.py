@@ -134,6 +134,10 @@ def check_conditioning_config(config) -> None:
                         "maps' tfds feature")
   if not 0.0 <= cond.p_uncond < 1.0:
     raise ConfigError(f"cond.p_uncond: expected a probability in [0, 1), got {cond.p_uncond}")
+  coverage = tuple(cond.get("mask_coverage", (0.1, 0.5)))
+  if len(coverage) != 2 or not 0.0 < coverage[0] <= coverage[1] <= 1.0:
+    raise ConfigError(f"cond.mask_coverage: expected (low, high) with 0 < low <= high <= 1, "
+                      f"got {coverage}")
   if cond.type == "none" and config.sample.guidance_scale != 1.0:
     raise ConfigError(f"sample.guidance_scale ({config.sample.guidance_scale}): cond.type="
                       f"'none' has no null condition to guide against; set it to 1")

@@ -36,7 +36,7 @@ ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps"
                 "data.workers": -1, "data.on_bad_image": "error", "data.index_dir": "",
                 "data.rebuild_index": False, "data.mask_dir": "", "data.segmentation_dir": "",
                 "data.max_boxes": 16, "mesh.shard_frozen": True,
-                "cond.degradation": "bicubic"}
+                "cond.degradation": "bicubic", "cond.mask_coverage": [0.1, 0.5]}
 # Fields old checkpoints' configs may hold that no longer exist (data.num_threads: grain's
 # data.workers replaced the thread pool).
 REMOVED_FIELDS = ("data.num_threads",)

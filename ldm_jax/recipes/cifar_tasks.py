@@ -1,0 +1,314 @@
+"""The paper's image-conditioned tasks on CIFAR-10 on a CPU, end to end: x4 super-resolution
+(32 px from 8 px) and inpainting (generated stroke-and-box masks).
+
+  python -m ldm_jax.recipes.cifar_tasks --task=sr --workdir=runs/cifar_tasks
+  python -m ldm_jax.recipes.cifar_tasks --task=inpaint --workdir=runs/cifar_tasks
+
+1. unpacks the CIFAR-10 training archive into an image folder, and the first --eval_per_class
+   test images of every class as the held-out set (ldm_jax/data/demo_sets.py);
+2. trains a small KL-f4 autoencoder (32 px -> 8x8x3 latents), shared by both tasks;
+3. trains the task's LDM: super-resolution on BSR-degraded 8 px inputs (configs/ldm_sr.py:cifar)
+   or inpainting conditioned on the masked image's latent and the mask
+   (configs/ldm_inpaint.py:cifar);
+4. runs sample.py's task on the held-out images and scores it next to a baseline:
+   sr: PSNR and LPIPS (VGG) against the originals, of LDM-SR and of bicubic upsampling of the
+   same inputs (bicubic-downsampled and BSR-degraded inputs);
+   inpaint: L1 and LPIPS in the masked region, of the LDM and of two simple fills (the mean
+   colour of the known pixels; a normalised blur of them), and the unmasked region's error
+   without the composite next to the autoencoder's own reconstruction error there.
+   Writes <workdir>/<task>/results.json and a picture.
+
+Every stage resumes when rerun. --archive is the folder holding the CIFAR-10 JPEG tarballs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from ldm_jax import config as config_lib
+from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
+from ldm_jax.data.demo_sets import extract_cifar
+
+logger = logging.getLogger("ldm_jax")
+TASKS = ("sr", "inpaint")
+
+
+def autoencoder_config(data_dir: str, steps: int = 1000):
+  """A small KL-f4 autoencoder for 32 px colour images: L1 + KL, no LPIPS or GAN (a CPU)."""
+  c = config_lib.defaults("autoencoder")
+  c.data.source, c.data.path, c.data.split = "image_folder", data_dir, ""
+  c.data.image_size, c.data.resize_mode = 32, "stretch"
+  c.model.ch = 64
+  c.model.ch_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.z_channels = 3
+  c.model.embed_dim = 3
+  c.loss.lpips_weight = 0.0
+  c.loss.disc_start = 10 ** 9
+  c.train.batch_size = 32
+  c.train.num_steps = steps
+  c.train.lr = 1e-3
+  c.train.scale_lr = False
+  c.train.schedule = "cosine"
+  c.train.warmup_steps = min(50, steps // 10)
+  c.train.ema_decay = 0.99
+  c.train.log_every = 100
+  c.train.ckpt_every = 250
+  c.train.eval_every = 0
+  c.train.image_every = 0
+  return c
+
+
+def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500):
+  """The CPU LDM of `task` ('sr' or 'inpaint'): 32 px CIFAR-10 on 8x8x3 latents, about 8
+  minutes of training on 2 cores. configs/ldm_sr.py:cifar and ldm_inpaint.py:cifar."""
+  c = config_lib.defaults("ldm")
+  c.data.source, c.data.path, c.data.split = "image_folder", data_dir, ""
+  c.data.image_size, c.data.resize_mode = 32, "stretch"
+  c.first_stage.checkpoint = autoencoder_dir
+  c.cond.type = "concat"
+  if task == "sr":
+    c.cond.concat, c.cond.degradation = "lowres", "bsr"
+  else:
+    c.cond.concat, c.cond.mask_coverage = "inpaint", (0.1, 0.5)
+  c.cond.p_uncond = 0.0
+  c.unet.model_channels = 64
+  c.unet.channel_mult = (1, 2)
+  c.unet.num_res_blocks = 2
+  c.unet.attention_resolutions = (2,)
+  c.unet.num_head_channels = 32
+  c.unet.use_spatial_transformer = False
+  c.unet.use_scale_shift_norm = True
+  c.diffusion.scale_by_std = True
+  c.diffusion.loss_weighting = "min_snr"
+  c.train.batch_size = 64
+  c.train.num_steps = steps
+  c.train.lr = 1e-3
+  c.train.scale_lr = False
+  c.train.schedule = "cosine"
+  c.train.warmup_steps = min(100, steps // 10)
+  c.train.min_lr_ratio = 0.1
+  c.train.ema_decay = 0.995
+  c.train.log_every = 100
+  c.train.ckpt_every = 500
+  c.train.eval_every = 0
+  c.train.image_every = 0
+  c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "ddim", 50, 1.0
+  return c
+
+
+class _Scorer:
+  """PSNR / L1 / LPIPS of image sets against the held-out originals (float [-1, 1])."""
+
+  def __init__(self, target):
+    from ldm_jax.models.lpips import load_lpips_params, make_lpips_fn  # pylint: disable=g-import-not-at-top
+    self.target, self.lpips = target, make_lpips_fn(load_lpips_params())
+
+  def lpips_of(self, images):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return float(np.mean(np.concatenate([np.asarray(self.lpips(images[i:i + 100],
+                                                               self.target[i:i + 100]))
+                                         for i in range(0, len(images), 100)])))
+
+  def psnr_of(self, images):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from ldm_jax.evaluation.metrics import psnr  # pylint: disable=g-import-not-at-top
+    return float(np.mean(np.asarray(psnr(images, self.target))))
+
+  def l1_in(self, images, region):
+    """Mean |difference| in [0, 1] units over the pixels where `region` (N, H, W, 1) is 1."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    diff = np.abs(images - self.target).mean(-1, keepdims=True) / 2
+    return float((diff * region).sum() / max(region.sum(), 1))
+
+
+def _write_folder(folder: str, images_u8) -> list[str]:
+  from ldm_jax.training.reporting import save_png  # pylint: disable=g-import-not-at-top
+  names = [f"{i:05d}.png" for i in range(len(images_u8))]
+  for name, img in zip(names, images_u8):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+      os.makedirs(folder, exist_ok=True)
+      save_png(path, img)
+  return names
+
+
+def _read_outputs(out: str, names):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from ldm_jax import image_tasks  # pylint: disable=g-import-not-at-top
+  from ldm_jax.data.preprocess import to_float  # pylint: disable=g-import-not-at-top
+  return to_float(np.stack([np.asarray(Image.open(image_tasks.output_path(out, n)))
+                            for n in names]))
+
+
+def _reconstruction(pipeline, target):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ae, first = pipeline.frozen["autoencoder"], pipeline.ldm.first
+  return np.clip(np.concatenate([np.asarray(first.decode(ae, first.latent(
+      ae, jnp.asarray(target[i:i + 100]), None))) for i in range(0, len(target), 100)]), -1, 1)
+
+
+def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
+  """PSNR/LPIPS of LDM-SR and of bicubic upsampling, for bicubic and BSR 8 px inputs."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from PIL import Image
+  from ldm_jax import image_tasks
+  from ldm_jax.data import degradations
+  from ldm_jax.data.preprocess import to_float, to_uint8
+  target = to_float(hi)
+  scorer, results, rows = _Scorer(target), {}, []
+  recon = _reconstruction(pipeline, target)
+  results["autoencoder_psnr"], results["autoencoder_lpips"] = (scorer.psnr_of(recon),
+                                                               scorer.lpips_of(recon))
+  for kind in ("bicubic", "bsr"):
+    low = np.stack([to_uint8(degradations.degrade(kind, img, 8, np.random.default_rng(i)))
+                    for i, img in enumerate(hi)])
+    folder = os.path.join(task_dir, "eval", f"inputs_{kind}")
+    names = _write_folder(folder, low)
+    out = os.path.join(task_dir, "eval", f"upscaled_{kind}")
+    image_tasks.run(pipeline, image_tasks.FileJob("upscale", folder, sampler="ddim",
+                                                  steps=steps), out)
+    sr = _read_outputs(out, names)
+    up = lambda mode: to_float(np.stack([np.asarray(Image.fromarray(x).resize(  # noqa: E731
+        (32, 32), mode)) for x in low]))
+    bic = up(Image.Resampling.BICUBIC)
+    for name, images in (("bicubic_upsampling", bic), ("ldm_sr", sr)):
+      results[f"{kind}_inputs_{name}_psnr"] = scorer.psnr_of(images)
+      results[f"{kind}_inputs_{name}_lpips"] = scorer.lpips_of(images)
+    rows += [up(Image.Resampling.NEAREST)[:8], bic[:8], sr[:8], target[:8]]
+  return results, rows
+
+
+def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
+  """Masked-region L1/LPIPS of the LDM and two simple fills; the unmasked region's error."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from scipy import ndimage
+  from ldm_jax import image_tasks
+  from ldm_jax.data import masks
+  from ldm_jax.data.preprocess import to_float
+  target = to_float(hi)
+  scorer, results = _Scorer(target), {}
+  fill = np.stack([masks.random_mask(np.random.default_rng(i), 32, 32, (0.1, 0.5))
+                   for i in range(len(hi))])
+  results["mask_coverage_mean"] = float(fill.mean())
+  inputs = os.path.join(task_dir, "eval", "images")
+  names = _write_folder(inputs, hi)
+  mask_dir = os.path.join(task_dir, "eval", "masks")
+  _write_folder(mask_dir, (fill[..., 0] * 255).astype(np.uint8))
+  outs = {}
+  for composite in (True, False):
+    out = os.path.join(task_dir, "eval", "inpainted" + ("" if composite else "_raw"))
+    image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
+                                                  steps=steps, composite=composite), out)
+    outs[composite] = _read_outputs(out, names)
+  known = 1.0 - fill
+  mean_fill = target * known + fill * ((target * known).sum((1, 2), keepdims=True) /
+                                       known.sum((1, 2), keepdims=True))
+  sigma = (0, 3, 3, 0)
+  blurred = (ndimage.gaussian_filter(target * known, sigma) /
+             np.maximum(ndimage.gaussian_filter(np.broadcast_to(known, target.shape), sigma),
+                        1e-3))
+  blur_fill = target * known + fill * blurred
+  for name, images in (("ldm", outs[True]), ("mean_colour_fill", mean_fill),
+                       ("blur_fill", blur_fill)):
+    results[f"{name}_masked_l1"] = scorer.l1_in(images, fill)
+    results[f"{name}_lpips"] = scorer.lpips_of(images)
+  recon = _reconstruction(pipeline, target)
+  results["unmasked_l1_without_composite"] = scorer.l1_in(outs[False], known)
+  results["unmasked_l1_autoencoder_reconstruction"] = scorer.l1_in(recon, known)
+  shown = target[:8] * (1 - fill[:8])
+  return results, [shown, mean_fill[:8], blur_fill[:8], outs[True][:8], target[:8]]
+
+
+def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 1000,
+        ldm_steps: int = 1500, eval_per_class: int = 50, steps: int = 50) -> dict:
+  """Runs (or resumes) the stages of `task`; returns the results it also writes."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from ldm_jax.data.sources import ImageFolderSource
+  from ldm_jax.inference import load_pipeline
+  from ldm_jax.training.loop import train_and_evaluate
+  from ldm_jax.training.reporting import image_grid, save_png
+  if task not in TASKS:
+    raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
+  workdir = os.path.abspath(workdir)
+  task_dir = os.path.join(workdir, task)
+  times, t0 = {}, time.time()
+  logger.info("[1/4] CIFAR-10 images -> %s/data", workdir)
+  train_dir = extract_cifar(os.path.join(archive_dir, "cifar10-train-jpeg.tar.gz"),
+                            os.path.join(workdir, "data", "train"))
+  test_dir = extract_cifar(os.path.join(archive_dir, "cifar10-test-jpeg.tar.gz"),
+                           os.path.join(workdir, "data", "test"), per_class=eval_per_class)
+  ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(task_dir, "ldm")
+  logger.info("[2/4] autoencoder -> %s", ae_dir)
+  t = time.time()
+  train_and_evaluate(autoencoder_config(train_dir, ae_steps), ae_dir, devices=jax.devices())
+  times["autoencoder_s"] = time.time() - t
+  logger.info("[3/4] %s LDM -> %s", task, ldm_dir)
+  t = time.time()
+  train_and_evaluate(ldm_config(task, train_dir, ae_dir, ldm_steps), ldm_dir,
+                     devices=jax.devices())
+  times["ldm_s"] = time.time() - t
+  logger.info("[4/4] %s on %d held-out test images", task, 10 * eval_per_class)
+  t = time.time()
+  source = ImageFolderSource(test_dir, 3)
+  hi = np.stack([source[i]["image"] for i in range(len(source))])
+  pipeline = load_pipeline(ldm_dir)
+  evaluate = evaluate_sr if task == "sr" else evaluate_inpaint
+  results, rows = evaluate(task_dir, pipeline, hi, steps)
+  picture = os.path.join(task_dir, f"{task}_cifar.png")
+  save_png(picture, image_grid(np.concatenate(rows), ncols=8))
+  times["evaluation_s"] = time.time() - t
+  results.update(times, total_s=time.time() - t0, eval_images=len(hi), ae_steps=ae_steps,
+                 ldm_steps=ldm_steps, sampler=f"ddim {steps} steps", picture=picture)
+  with open(os.path.join(task_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def _summary(task: str, r: dict) -> str:
+  if task == "sr":
+    lines = [f"  {k} inputs: LDM-SR PSNR {r[f'{k}_inputs_ldm_sr_psnr']:.2f} dB, LPIPS "
+             f"{r[f'{k}_inputs_ldm_sr_lpips']:.3f}; bicubic upsampling PSNR "
+             f"{r[f'{k}_inputs_bicubic_upsampling_psnr']:.2f} dB, LPIPS "
+             f"{r[f'{k}_inputs_bicubic_upsampling_lpips']:.3f}" for k in ("bicubic", "bsr")]
+    lines.append(f"  autoencoder ceiling: PSNR {r['autoencoder_psnr']:.2f} dB, LPIPS "
+                 f"{r['autoencoder_lpips']:.3f}")
+  else:
+    lines = [f"  {n}: masked-region L1 {r[f'{n}_masked_l1']:.4f}, LPIPS {r[f'{n}_lpips']:.3f}"
+             for n in ("ldm", "mean_colour_fill", "blur_fill")]
+    lines.append(f"  unmasked region without the composite: L1 "
+                 f"{r['unmasked_l1_without_composite']:.4f} (autoencoder reconstruction "
+                 f"{r['unmasked_l1_autoencoder_reconstruction']:.4f})")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = ArgumentParser(prog="python -m ldm_jax.recipes.cifar_tasks", description=__doc__)
+  parser.add_argument("--task", required=True, choices=TASKS)
+  parser.add_argument("--archive", default="../shared/data/cifar10",
+                      help="Folder holding cifar10-train-jpeg.tar.gz and "
+                           "cifar10-test-jpeg.tar.gz.")
+  parser.add_argument("--workdir", default="runs/cifar_tasks")
+  parser.add_argument("--ae_steps", type=int, default=1000)
+  parser.add_argument("--ldm_steps", type=int, default=1500)
+  parser.add_argument("--eval_per_class", type=int, default=50)
+  parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the task's sampling.")
+  args = parser.parse_args(argv)
+  setup_logging()
+  with friendly_errors():
+    r = run(args.task, args.workdir, args.archive, ae_steps=args.ae_steps,
+            ldm_steps=args.ldm_steps, eval_per_class=args.eval_per_class, steps=args.steps)
+  print(f"\n{args.task} recipe done in {r['total_s'] / 60:.1f} min ({r['eval_images']} held-out "
+        f"CIFAR-10 test images)\n{_summary(args.task, r)}\n  picture: {r['picture']}")
+
+
+if __name__ == "__main__":
+  main()
