@@ -91,20 +91,23 @@ def read_mask(path: str, shape: tuple[int, int], image_path: str) -> np.ndarray:
   return (mask >= 128).astype(np.float32)
 
 
+@dataclasses.dataclass
+class _Item:
+  """One input file: where it is, its noise index, and its (unpadded) size."""
+  index: int          # position in the sorted input list: the noise seed
+  relative: str
+  size: tuple[int, int]
+  mask_path: str | None = None
+
+
 def _pad_to(x: np.ndarray, multiple: int) -> np.ndarray:
   h, w = x.shape[:2]
   ph, pw = -h % multiple, -w % multiple
   return np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else x
 
 
-@dataclasses.dataclass
-class _Item:
-  index: int          # position in the sorted input list: the noise seed
-  relative: str
-  inputs: dict        # arrays of one example, padded
-  crop: tuple[int, int]
-  image: np.ndarray | None = None   # inpaint: the unpadded input, for the composite
-  mask: np.ndarray | None = None
+def _padded_shape(size, multiple):
+  return tuple(-(-d // multiple) * multiple for d in size)
 
 
 def check_task(pipeline: Pipeline, job: FileJob) -> str:
@@ -135,35 +138,50 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
 
 
 def _items(pipeline: Pipeline, job: FileJob, mode: str) -> list[_Item]:
-  ldm = pipeline.ldm
-  channels, f = ldm.first.channels, ldm.first.downsample_factor
+  """Every input, decoded once to check it (and its mask) before any compute; the pixels are
+  read again per batch (_load), so memory holds one batch, not the folder."""
+  channels = pipeline.ldm.first.channels
   items = []
   for i, rel in enumerate(list_images(job.inputs, "inputs")):
     path = os.path.join(job.inputs, rel)
-    image = _read(path, channels, "inputs")
-    if mode == "sr":
-      lowres = to_float(_pad_to(image, ldm.unet_multiple))
-      items.append(_Item(i, rel, {"lowres": lowres}, (image.shape[0] * f, image.shape[1] * f)))
-      continue
-    mask_path = os.path.join(job.masks, os.path.splitext(rel)[0] + ".png")
-    if not os.path.isfile(mask_path):
-      raise JobError(f"--masks: no mask '{mask_path}' for image '{path}' (masks are PNGs at "
-                     f"the image's relative path)")
-    mask = read_mask(mask_path, image.shape[:2], path)
-    multiple = f * ldm.unet_multiple
-    inputs = {"image": to_float(_pad_to(image, multiple)),
-              "mask": np.pad(mask, ((0, -mask.shape[0] % multiple),
-                                    (0, -mask.shape[1] % multiple), (0, 0)))}
-    if job.label is not None:
-      inputs["label"] = np.int32(job.label)
-    items.append(_Item(i, rel, inputs, image.shape[:2], to_float(image), mask))
+    size = _read(path, channels, "inputs").shape[:2]
+    mask_path = None
+    if mode != "sr":
+      mask_path = os.path.join(job.masks, os.path.splitext(rel)[0] + ".png")
+      if not os.path.isfile(mask_path):
+        raise JobError(f"--masks: no mask '{mask_path}' for image '{path}' (masks are PNGs at "
+                       f"the image's relative path)")
+      read_mask(mask_path, size, path)
+    items.append(_Item(i, rel, size, mask_path))
   return items
+
+
+def _load(pipeline: Pipeline, job: FileJob, item: _Item) -> tuple[dict, np.ndarray | None,
+                                                                    np.ndarray | None]:
+  """(the model's inputs padded to its multiple, the image and mask for the composite)."""
+  ldm = pipeline.ldm
+  image = _read(os.path.join(job.inputs, item.relative), ldm.first.channels, "inputs")
+  if item.mask_path is None:
+    return {"lowres": to_float(_pad_to(image, ldm.unet_multiple))}, None, None
+  mask = read_mask(item.mask_path, item.size, item.relative)
+  multiple = ldm.first.downsample_factor * ldm.unet_multiple
+  ph, pw = -mask.shape[0] % multiple, -mask.shape[1] % multiple
+  inputs = {"image": to_float(_pad_to(image, multiple)),
+            "mask": np.pad(mask, ((0, ph), (0, pw), (0, 0)))}   # padding is kept, not filled
+  if job.label is not None:
+    inputs["label"] = np.int32(job.label)
+  return inputs, to_float(image), mask
+
+
+def _output_size(pipeline: Pipeline, item: _Item, mode: str) -> tuple[int, int]:
+  f = pipeline.ldm.first.downsample_factor
+  return (item.size[0] * f, item.size[1] * f) if mode == "sr" else item.size
 
 
 def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
   spec = dataclasses.asdict(job)
   spec.pop("batch_size")
-  names = [(it.relative, list(it.crop)) for it in items]
+  names = [(it.relative, list(it.size)) for it in items]
   spec["inputs"] = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
   spec["masks"] = bool(job.masks)
   spec["model"] = pipeline.source
@@ -194,16 +212,18 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
     key = jax.random.PRNGKey(job.seed)
     progress = Progress(len(items), len(items) - len(todo))
     with Writer(out) as writer:
-      for group in _batches(todo, job, pipeline, mesh):
-        cond = {k: np.stack([it.inputs[k] for it in group]) for k in group[0].inputs}
+      for group in _batches(todo, job, pipeline, mesh, mode):
+        loaded = [_load(pipeline, job, it) for it in group]
+        cond = {k: np.stack([inputs[k] for inputs, _, _ in loaded]) for k in loaded[0][0]}
         idx = jnp.asarray([it.index for it in group], jnp.int32)
         images = np.asarray(multihost_utils.process_allgather(
             generate(params, frozen, key, idx, cond), tiled=True))
         new = []
-        for it, image in zip(group, images):
-          image = image[:it.crop[0], :it.crop[1]]
+        for it, (_, image_in, mask), image in zip(group, loaded, images):
+          h, w = _output_size(pipeline, it, mode)
+          image = image[:h, :w]
           if mode != "sr" and job.composite:
-            image = it.mask * image + (1.0 - it.mask) * it.image
+            image = mask * image + (1.0 - mask) * image_in
           new.append((output_path(out, it.relative), image))
         if jax.process_index() == 0:
           for path in {os.path.dirname(p) for p, _ in new}:
@@ -216,19 +236,20 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
           "compilations": generate._cache_size()}  # pylint: disable=protected-access
 
 
-def _batches(items: list[_Item], job: FileJob, pipeline: Pipeline, mesh: Mesh):
-  """Batches of equal-shaped inputs, in input order within a shape, each padded (by repeating
-  its last item) to a multiple of the device count."""
+def _batches(items: list[_Item], job: FileJob, pipeline: Pipeline, mesh: Mesh, mode: str):
+  """Batches of inputs of one padded shape, in input order within a shape, each padded (by
+  repeating its last item) to a multiple of the device count."""
   n_dev = mesh.devices.size
   if job.batch_size and job.batch_size % n_dev:
     raise JobError(f"--batch_size ({job.batch_size}) must be divisible by the {n_dev} devices "
                    f"(or 0 to choose one)")
+  ldm = pipeline.ldm
+  multiple = ldm.unet_multiple * (1 if mode == "sr" else ldm.first.downsample_factor)
   by_shape: dict[tuple, list[_Item]] = {}
   for it in items:
-    by_shape.setdefault(tuple(v.shape for v in it.inputs.values()), []).append(it)
-  for group in by_shape.values():
-    lat = pipeline.ldm.latent_shape(1, pipeline.ldm.image_size_of(
-        {k: v[None] for k, v in group[0].inputs.items()}))[1:3]
+    by_shape.setdefault(_padded_shape(it.size, multiple), []).append(it)
+  for shape, group in by_shape.items():
+    lat = shape if mode == "sr" else ldm.latent_shape(1, shape)[1:3]
     if job.tile:
       lat = (min(lat[0], job.tile), min(lat[1], job.tile))
     size = job.batch_size or auto_batch_size(len(group), lat, n_dev,
