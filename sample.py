@@ -73,8 +73,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the job; sample i's noise derives from 
 flags.DEFINE_integer("image_size", None, "Sample larger (or smaller) images than the training "
                      "size: the UNet runs convolutionally on the larger latent.")
 flags.DEFINE_integer("tile", 0, "Decode latents (and, for upscale/inpaint, denoise them) in "
-                     "overlapping tiles of this many latent pixels: bounds memory for large "
-                     "images; 0 = whole.")
+                     "overlapping tiles of this many latent pixels: bounds the decoder's (and "
+                     "UNet's) memory for large images; 0 = whole.")
 flags.DEFINE_bool("verbose", False, cli.VERBOSE_HELP)
 flags.mark_flags_as_required(["checkpoint", "out"])
 FLAGS = flags.FLAGS

@@ -9,6 +9,7 @@ with masks, on every device, one output PNG per input.
            size) in its image: an inpainting model (cond.concat='inpaint') conditions on the
            masked image; any other unconditional or class model inpaints by mask-blend
            sampling. The known pixels are pasted back (composite), so they equal the input.
+           --tile bounds the denoiser's and decoder's memory; the encoder sees the whole image.
 
 Outputs go to <out>/images/<the input's relative path>.png; a rerun skips the outputs already
 there (the job is resumable), and input i's noise derives from (seed, i) as in sampling_job.
@@ -25,7 +26,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -37,7 +37,7 @@ from ldm_jax.data.sources import decode_image
 from ldm_jax.errors import BadImageError, JobError
 from ldm_jax.inference import Pipeline
 from ldm_jax.models.build import resolve_dtype
-from ldm_jax.sampling_job import Progress, Writer, auto_batch_size, check_job
+from ldm_jax.sampling_job import Progress, Writer, auto_batch_size, check_job, global_batch
 
 logger = logging.getLogger("ldm_jax")
 TASKS = ("upscale", "inpaint")
@@ -76,6 +76,8 @@ def list_images(folder: str, flag: str) -> list[str]:
 
 
 def _read(path: str, channels: int, flag: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise JobError(f"--{flag}: '{path}' is gone (was the folder changed while the job ran?)")
   try:
     return decode_image(path, channels)
   except BadImageError as e:
@@ -118,7 +120,8 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
   if job.task == "upscale":
     if cond.concat != "lowres":
       raise JobError("--task=upscale: this model is not a super-resolution model "
-                     "(cond.concat='lowres'); train one with e.g. configs/ldm_sr_cifar.py")
+                     "(cond.concat='lowres'); train one with configs/ldm_sr.py (its cifar variant: "
+                     "python -m ldm_jax.recipes.cifar_tasks --task=sr)")
     if cond.context or cond.adm:
       raise JobError("--task=upscale: models that also take classes or text are not supported "
                      "by this task yet")
@@ -126,23 +129,31 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
   if not job.masks:
     raise JobError("--task=inpaint: give --masks (a folder of PNGs mirroring --inputs; white = "
                    "fill)")
-  if cond.concat == "inpaint":
-    return "concat_inpaint"
-  if cond.concat or cond.context == "text":
-    raise JobError(f"--task=inpaint: mask-blend inpainting needs an unconditional or class "
+  if not os.path.isdir(job.masks):
+    raise JobError(f"--masks: no such folder '{job.masks}'")
+  if cond.context == "text" or cond.concat not in ("", "inpaint"):
+    raise JobError(f"--task=inpaint: needs an inpainting model or an unconditional or class "
                    f"model; this one takes {cond.concat or 'text'} conditions")
-  if (cond.context == "class" or cond.adm) and job.label is None:
+  classy = cond.context == "class" or cond.adm
+  if classy and job.label is None:
     raise JobError(f"--task=inpaint: this model is class-conditional: give --classes=C (one "
                    f"of its {pipeline.num_classes} classes) for the fills")
-  return "blend_inpaint"
+  if not classy and job.label is not None:
+    raise JobError("--classes: this model is not class-conditional; drop --classes")
+  return "concat_inpaint" if cond.concat == "inpaint" else "blend_inpaint"
 
 
 def _items(pipeline: Pipeline, job: FileJob, mode: str) -> list[_Item]:
   """Every input, decoded once to check it (and its mask) before any compute; the pixels are
   read again per batch (_load), so memory holds one batch, not the folder."""
   channels = pipeline.ldm.first.channels
-  items = []
+  items, stems = [], {}
   for i, rel in enumerate(list_images(job.inputs, "inputs")):
+    stem = os.path.splitext(rel)[0]
+    if stem in stems:
+      raise JobError(f"--inputs: '{stems[stem]}' and '{rel}' would both be written to "
+                     f"{stem}.png (and share a mask); rename one")
+    stems[stem] = rel
     path = os.path.join(job.inputs, rel)
     size = _read(path, channels, "inputs").shape[:2]
     mask_path = None
@@ -197,6 +208,10 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
   """Runs (or resumes) a file job; returns {'generated', 'skipped', 'seconds',
   'samples_per_sec', 'compilations'}."""
   mode = check_task(pipeline, job)
+  inputs, output = os.path.realpath(job.inputs), os.path.realpath(out)
+  if output == inputs or output.startswith(inputs + os.sep):
+    raise JobError(f"--out: '{out}' lies inside --inputs '{job.inputs}'; its outputs would be "
+                   f"read as inputs next time; write elsewhere")
   if job.label is not None and not 0 <= job.label < pipeline.num_classes:
     raise JobError(f"--classes: {job.label} is outside the model's {pipeline.num_classes} "
                    f"classes")
@@ -215,9 +230,9 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
       for group in _batches(todo, job, pipeline, mesh, mode):
         loaded = [_load(pipeline, job, it) for it in group]
         cond = {k: np.stack([inputs[k] for inputs, _, _ in loaded]) for k in loaded[0][0]}
-        idx = jnp.asarray([it.index for it in group], jnp.int32)
+        idx = np.asarray([it.index for it in group], np.int32)
         images = np.asarray(multihost_utils.process_allgather(
-            generate(params, frozen, key, idx, cond), tiled=True))
+            generate(params, frozen, key, *global_batch((idx, cond), mesh)), tiled=True))
         new = []
         for it, (_, image_in, mask), image in zip(group, loaded, images):
           h, w = _output_size(pipeline, it, mode)
@@ -237,8 +252,9 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
 
 
 def _batches(items: list[_Item], job: FileJob, pipeline: Pipeline, mesh: Mesh, mode: str):
-  """Batches of inputs of one padded shape, in input order within a shape, each padded (by
-  repeating its last item) to a multiple of the device count."""
+  """Batches of inputs of one padded shape, in input order within a shape; a short last batch
+  is padded (by repeating its last item) to the group's batch size, a multiple of the device
+  count."""
   n_dev = mesh.devices.size
   if job.batch_size and job.batch_size % n_dev:
     raise JobError(f"--batch_size ({job.batch_size}) must be divisible by the {n_dev} devices "
@@ -254,15 +270,16 @@ def _batches(items: list[_Item], job: FileJob, pipeline: Pipeline, mesh: Mesh, m
       lat = (min(lat[0], job.tile), min(lat[1], job.tile))
     size = job.batch_size or auto_batch_size(len(group), lat, n_dev,
                                              mesh.devices.flat[0].platform)
-    for s in range(0, len(group), size):
-      chunk = group[s:s + size]
-      yield chunk + [chunk[-1]] * (-len(chunk) % n_dev)
+    size = min(size, -(-len(group) // n_dev) * n_dev)
+    for s in range(0, len(group), size):   # a short last chunk is padded to the batch: the
+      chunk = group[s:s + size]              # same program serves it
+      yield chunk + [chunk[-1]] * (size - len(chunk))
 
 
 def _compile(pipeline: Pipeline, job: FileJob, mode: str, mesh: Mesh):
   rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   generate = jax.jit(pipeline.make_generate(
       sampler=job.sampler, steps=job.steps, eta=job.eta, guidance_scale=job.guidance_scale,
-      spacing=job.spacing, tile=job.tile, inpaint=mode == "blend_inpaint"),
+      spacing=job.spacing, tile=job.tile, inpaint=mode == "blend_inpaint", tile_denoising=True),
       in_shardings=(rep, rep, rep, sharded, sharded), out_shardings=sharded)
   return generate, jax.device_put(pipeline.params, rep), jax.device_put(pipeline.frozen, rep)

@@ -87,21 +87,22 @@ class Pipeline:
     return batch
 
   def make_generate(self, *, sampler=None, steps=None, eta=None, guidance_scale=None,
-                    spacing=None, image_size=None, tile: int = 0, inpaint: bool = False):
+                    spacing=None, image_size=None, tile: int = 0, inpaint: bool = False,
+                    tile_denoising: bool = False):
     """generate(params, frozen, seed_key, indices (B,), cond_batch) -> images (B, H, W, C).
 
     One compiled program serves every batch of a job. `image_size` larger than the training
     size samples larger latents (the UNet is convolutional); a spatial condition (a
-    super-resolution input) sets the size itself. `tile` > 0 denoises and decodes in
-    overlapping tiles of that many latent pixels, bounding memory. `inpaint` keeps
-    cond_batch's 'image' outside its 'mask' (mask-blend sampling).
+    super-resolution input) sets the size itself. `tile` > 0 decodes in overlapping tiles of
+    that many latent pixels, bounding the decoder's memory (and, with `tile_denoising`, the
+    UNet's too). `inpaint` keeps cond_batch's 'image' outside its 'mask' (mask-blend).
     """
     settings = SampleSettings(sampler, steps, eta, guidance_scale, spacing)
     ldm, scale = self.ldm, self.scale_factor
 
     def generate(params, frozen, key, indices, cond_batch):
       return ldm.generate(params, frozen["autoencoder"], scale, key, indices, cond_batch,
-                          settings, image_size, tile, inpaint)
+                          settings, image_size, tile, inpaint, tile_denoising)
 
     return generate
 

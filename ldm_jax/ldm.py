@@ -193,14 +193,15 @@ class LatentDiffusion:
 
   def generate(self, params, frozen_ae, scale, key, indices, cond_batch,
                settings: SampleSettings = SampleSettings(), image_size=None, tile: int = 0,
-               inpaint: bool = False):
+               inpaint: bool = False, tile_denoising: bool = False):
     """Images of samples `indices` (B,): sample i's noise is drawn from fold_in(key, i), so it
     does not depend on the batch it lands in, the device count, or a resume.
 
     The image size is `image_size`, else the one a spatial condition in cond_batch fixes (a
     super-resolution input of any size), else the config's. `inpaint` keeps cond_batch's
     'image' outside its 'mask' (1 = fill): mask-blend sampling, for a model of any route.
-    `tile` > 0 denoises and decodes in overlapping tiles of that many latent pixels.
+    `tile` > 0 decodes in overlapping tiles of that many latent pixels, and with
+    `tile_denoising` the UNet runs on such tiles at every step too.
     """
     size = image_size or self.image_size_of(cond_batch)
     shape = self.latent_shape(indices.shape[0], size)[1:]
@@ -209,7 +210,8 @@ class LatentDiffusion:
     noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(sample_keys)
     mask = (self.known_region(frozen_ae, scale, cond_batch["image"], cond_batch["mask"])
             if inpaint else None)
-    z = self.sample(params, frozen_ae, scale, cond_batch, x_T, noise_keys, settings, mask, tile)
+    z = self.sample(params, frozen_ae, scale, cond_batch, x_T, noise_keys, settings, mask,
+                    tile if tile_denoising else 0)
     return jnp.clip(self.decode(frozen_ae, z, scale, tile), -1.0, 1.0)
 
   def describe(self) -> dict:

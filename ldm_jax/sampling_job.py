@@ -24,7 +24,6 @@ import time
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -155,7 +154,8 @@ def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
       cond = pipeline.condition_batch(
           batch, labels=None if job.labels is None else [job.labels[i] for i in idx],
           prompts=None if job.prompts is None else [job.prompts[i] for i in idx])
-      images = generate(params, frozen, key, jnp.asarray(idx, jnp.int32), cond)
+      images = generate(params, frozen, key, *global_batch((np.asarray(idx, np.int32), cond),
+                                                           mesh))
       if pending is not None:
         _hand_over(*pending, job, done, writer, progress)
       pending = (start, images)
@@ -168,6 +168,15 @@ def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
   return {"generated": writer.written, "skipped": len(done), "seconds": seconds,
           "samples_per_sec": progress.rate, "batch_size": batch,
           "compilations": generate._cache_size()}  # pylint: disable=protected-access
+
+
+def global_batch(tree, mesh: Mesh):
+  """Host arrays that every process holds whole -> global jax.Arrays split over the mesh's
+  'data' axis (on several processes jit refuses numpy inputs with a non-trivial sharding)."""
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree_util.tree_map(
+      lambda a: jax.make_array_from_callback(np.shape(a), sharding,
+                                             lambda index: np.asarray(a)[index]), tree)
 
 
 def _spec(pipeline: Pipeline, job: Job) -> dict:

@@ -173,4 +173,10 @@ def test_inpainting_inputs_are_checked_before_any_compute(class_ldm, tmp_path):
   no_label = image_tasks.FileJob("inpaint", str(tmp_path / "in"), str(tmp_path / "masks"))
   with pytest.raises(JobError, match="--classes"):
     image_tasks.run(pipeline, no_label, str(tmp_path / "out"), ONE_DEVICE)
+  with pytest.raises(JobError, match="--out: .* lies inside --inputs"):
+    image_tasks.run(pipeline, job, str(tmp_path / "in" / "out"), ONE_DEVICE)
+  os.remove(tmp_path / "in" / "2.png")
+  _save(str(tmp_path / "in" / "0.jpg"), np.zeros((16, 16)))
+  with pytest.raises(JobError, match=r"--inputs: '0\.jpg' and '0\.png' would both be written"):
+    image_tasks.run(pipeline, job, str(tmp_path / "out"), ONE_DEVICE)
   assert not os.path.exists(tmp_path / "out" / "images")

@@ -15,8 +15,8 @@ operation of the chain, with the ranges drawn from (all per example, from the ex
   jpeg            p=0.7: quality ~ U{30, ..., 95}
 
 then the final resize to the target size (mode ~ {bilinear, bicubic, box}) and, with p=0.5, a
-last JPEG (quality 30-95). Ranges are scaled for small images: CIFAR's 32 -> 8 px recipe uses
-them as they are. Everything runs on the host in numpy/PIL (the pipeline's workers).
+last JPEG (quality 30-95). Only the blur widths scale, with the downsampling factor; the rest
+are absolute. Everything runs on the host in numpy/PIL/scipy (the pipeline's workers).
 """
 from __future__ import annotations
 

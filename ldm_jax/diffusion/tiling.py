@@ -2,9 +2,10 @@
 
 Used for images larger than fit at once: the decoder on tiles of the final latent, and the
 denoiser on tiles of x_t at every sampling step (so a super-resolution model upscales a
-photo of any size with the memory of one tile). Tiles overlap by `overlap` of their size and
-are blended with linear ramps, which hides the seams; tiles run one after another (lax.map)
-through one compiled function.
+photo of any size with the memory of one tile). Tiles overlap by about `overlap` of their size
+(the stride is rounded down to `multiple`, so the overlap can be larger; a tile equal to the
+multiple does not overlap) and are blended with linear ramps, which hides the seams; tiles run
+one after another (lax.map) through one compiled function.
 """
 from __future__ import annotations
 

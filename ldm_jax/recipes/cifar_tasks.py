@@ -13,9 +13,10 @@
 4. runs sample.py's task on the held-out images and scores it next to a baseline:
    sr: PSNR and LPIPS (VGG) against the originals, of LDM-SR and of bicubic upsampling of the
    same inputs (bicubic-downsampled and BSR-degraded inputs);
-   inpaint: L1 and LPIPS in the masked region, of the LDM and of two simple fills (the mean
-   colour of the known pixels; a normalised blur of them), and the unmasked region's error
-   without the composite next to the autoencoder's own reconstruction error there.
+   inpaint: L1 in the masked region and LPIPS of the composited image, of the LDM and of two
+   simple fills (the mean colour of the known pixels; a normalised blur of them), and the
+   unmasked region's error without the composite next to the autoencoder's own
+   reconstruction error there.
    Writes <workdir>/<task>/results.json and a picture.
 
 Every stage resumes when rerun. --archive is the folder holding the CIFAR-10 JPEG tarballs.
@@ -28,6 +29,7 @@ import os
 import time
 
 from ldm_jax import config as config_lib
+from ldm_jax import fileio
 from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 from ldm_jax.data.demo_sets import extract_cifar
 
@@ -268,8 +270,7 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 1000,
   times["evaluation_s"] = time.time() - t
   results.update(times, total_s=time.time() - t0, eval_images=len(hi), ae_steps=ae_steps,
                  ldm_steps=ldm_steps, sampler=f"ddim {steps} steps", picture=picture)
-  with open(os.path.join(task_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+  fileio.atomic_write_text(os.path.join(task_dir, "results.json"), json.dumps(results, indent=2))
   return results
 
 
@@ -282,7 +283,8 @@ def _summary(task: str, r: dict) -> str:
     lines.append(f"  autoencoder ceiling: PSNR {r['autoencoder_psnr']:.2f} dB, LPIPS "
                  f"{r['autoencoder_lpips']:.3f}")
   else:
-    lines = [f"  {n}: masked-region L1 {r[f'{n}_masked_l1']:.4f}, LPIPS {r[f'{n}_lpips']:.3f}"
+    lines = [f"  {n}: masked-region L1 {r[f'{n}_masked_l1']:.4f}, LPIPS (composite) "
+             f"{r[f'{n}_lpips']:.3f}"
              for n in ("ldm", "mean_colour_fill", "blur_fill")]
     lines.append(f"  unmasked region without the composite: L1 "
                  f"{r['unmasked_l1_without_composite']:.4f} (autoencoder reconstruction "
