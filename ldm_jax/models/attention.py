@@ -185,11 +185,7 @@ class AttentionBlock(nn.Module):
 class CrossAttention(nn.Module):
   """Multi-head attention of queries x (B, L, C) over a context (B, Lc, Cc), or over x itself
   when context is None. q/k/v projections have no bias; the output projection has one.
-  `mask` (B, Lc) marks the context tokens that may be attended to.
-
-  A single unmasked context token (a class embedding) gets all of every query's attention, so
-  the output is to_out(to_v(token)) at every position: computed so, without the dead q/k
-  projections and scores (the same values; the parameters exist as usual)."""
+  `mask` (B, Lc) marks the context tokens that may be attended to."""
   heads: int
   head_dim: int
   dropout: float = 0.0
@@ -204,10 +200,6 @@ class CrossAttention(nn.Module):
     context = x if context is None else context.astype(self.dtype)
     b, lq = x.shape[:2]
     lk = context.shape[1]
-    if lk == 1 and mask is None and context is not x and not self.is_initializing():
-      out = dense(x.shape[-1], "to_out", bias=True)(dense(inner, "to_v")(context))
-      out = jnp.broadcast_to(out, (b, lq, x.shape[-1]))
-      return nn.Dropout(self.dropout, deterministic=not train)(out)
     q = dense(inner, "to_q")(x).reshape(b, lq, self.heads, self.head_dim)
     k = dense(inner, "to_k")(context).reshape(b, lk, self.heads, self.head_dim)
     v = dense(inner, "to_v")(context).reshape(b, lk, self.heads, self.head_dim)
