@@ -30,13 +30,15 @@ VARIANTS = ("bsr", "imagenet", "cifar")
 def get_config(variant: str = "bsr"):
   if variant not in VARIANTS:
     raise ValueError(f"ldm_sr: unknown variant '{variant}' (known: {', '.join(VARIANTS)})")
+  if variant == "cifar":   # the recipe's config, with its paths
+    from ldm_jax.recipes import cifar_tasks  # pylint: disable=g-import-not-at-top
+    return cifar_tasks.ldm_config("sr", "runs/cifar_tasks/data/train",
+                                  "runs/cifar_tasks/autoencoder")
   c = config_lib.defaults("ldm")
   c.cond.type, c.cond.concat = "concat", "lowres"
   c.cond.p_uncond = 0.0            # the reference does not drop the low-resolution input
   c.sample.guidance_scale = 1.0
   c.sample.steps = 100
-  if variant == "cifar":
-    return _cifar(c)
   if variant == "imagenet":
     presets.use_tfds(c, "imagenet2012", eval_split="validation[:2000]", label_key="")
     c.cond.degradation = "bicubic"
@@ -56,11 +58,3 @@ def get_config(variant: str = "bsr"):
   c.train.batch_size = 64          # lr = 1e-6 x 64, as the reference
   c.train.num_steps = 1_000_000
   return c
-
-
-def _cifar(c):
-  """32 px CIFAR-10 from 8 px on 8x8x3 latents: the recipe's config, with its paths."""
-  del c
-  from ldm_jax.recipes import cifar_tasks  # pylint: disable=g-import-not-at-top
-  return cifar_tasks.ldm_config("sr", "runs/cifar_tasks/data/train",
-                                "runs/cifar_tasks/autoencoder")

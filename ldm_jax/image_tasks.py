@@ -19,8 +19,6 @@ another size than its image, stops the job with one line naming the file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -37,7 +35,8 @@ from ldm_jax.data.sources import decode_image
 from ldm_jax.errors import BadImageError, JobError
 from ldm_jax.inference import Pipeline
 from ldm_jax.models.build import resolve_dtype
-from ldm_jax.sampling_job import Progress, Writer, auto_batch_size, check_job, global_batch
+from ldm_jax.sampling_job import (Progress, Writer, auto_batch_size, check_job, digest,
+                                  global_batch)
 
 logger = logging.getLogger("ldm_jax")
 TASKS = ("upscale", "inpaint")
@@ -192,8 +191,7 @@ def _output_size(pipeline: Pipeline, item: _Item, mode: str) -> tuple[int, int]:
 def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
   spec = dataclasses.asdict(job)
   spec.pop("batch_size")
-  names = [(it.relative, list(it.size)) for it in items]
-  spec["inputs"] = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+  spec["inputs"] = digest([(it.relative, list(it.size)) for it in items])
   spec["masks"] = bool(job.masks)
   spec["model"] = pipeline.source
   spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)

@@ -61,13 +61,14 @@ class Job:
     """Everything that determines the pixels (the resume check compares it)."""
     content = dataclasses.asdict(self)
     content.pop("batch_size")     # batching does not change any sample
-    content["labels"] = _digest(self.labels)
-    content["prompts"] = _digest(self.prompts)
+    content["labels"] = digest(self.labels)
+    content["prompts"] = digest(self.prompts)
     content["model"] = source
     return content
 
 
-def _digest(values) -> str | None:
+def digest(values) -> str | None:
+  """A short hash of a JSON-able list (None stays None): what a job spec records of it."""
   if values is None:
     return None
   return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:16]

@@ -49,18 +49,17 @@ def autoencoder_config(data_dir: str, steps: int = 800):
   c.model.embed_dim = 3
   c.loss.lpips_weight = 0.0
   c.loss.disc_start = 10 ** 9
-  c.train.batch_size = 16
-  c.train.num_steps = steps
-  c.train.lr = 1e-3
-  c.train.scale_lr = False
-  c.train.schedule = "cosine"
-  c.train.warmup_steps = min(50, steps // 10)
-  c.train.ema_decay = 0.99
-  c.train.log_every = 50
-  c.train.ckpt_every = 250
-  c.train.eval_every = 0
-  c.train.image_every = 0
+  _short_run(c.train, batch=16, steps=steps, warmup=50, ema=0.99, log_every=50, ckpt_every=250)
   return c
+
+
+def _short_run(t, *, batch, steps, warmup, ema, log_every, ckpt_every, min_lr_ratio=0.0):
+  """The train fields both CPU recipes share: lr 1e-3 unscaled, warm-up + cosine, no periodic
+  evaluation or image summaries."""
+  t.batch_size, t.num_steps, t.lr, t.scale_lr = batch, steps, 1e-3, False
+  t.schedule, t.warmup_steps, t.min_lr_ratio = "cosine", min(warmup, steps // 10), min_lr_ratio
+  t.ema_decay, t.log_every, t.ckpt_every = ema, log_every, ckpt_every
+  t.eval_every = t.image_every = 0
 
 
 def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500):
@@ -85,18 +84,8 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500
   c.unet.use_scale_shift_norm = True
   c.diffusion.scale_by_std = True
   c.diffusion.loss_weighting = "min_snr"
-  c.train.batch_size = 32
-  c.train.num_steps = steps
-  c.train.lr = 1e-3
-  c.train.scale_lr = False
-  c.train.schedule = "cosine"
-  c.train.warmup_steps = min(100, steps // 10)
-  c.train.min_lr_ratio = 0.1
-  c.train.ema_decay = 0.995
-  c.train.log_every = 100
-  c.train.ckpt_every = 500
-  c.train.eval_every = 0
-  c.train.image_every = 0
+  _short_run(c.train, batch=32, steps=steps, warmup=100, ema=0.995, log_every=100,
+             ckpt_every=500, min_lr_ratio=0.1)
   c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "ddim", 50, 1.0
   return c
 
