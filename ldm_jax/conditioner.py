@@ -6,6 +6,7 @@ Routed by `config.cond` (see ldm_jax/data/conditions.py for the host-side half):
   class    eps(z_t, t, context = ClassEmbedder(y))            (cross-attention)
   adm      eps(z_t, t, y)                                    (added to the time embedding)
   text     eps(z_t, t, context = TextTransformer(tokens))     (cross-attention, padding masked)
+  layout   eps(z_t, t, context = TextTransformer(layout_tokens(boxes, box_classes)))
   concat   eps([z_t, c], t)                                  (c on the latent grid)
   hybrid   eps([z_t, c], t, context)                          (both)
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from ldm_jax.data.conditions import concat_kind, context_kind
 from ldm_jax.errors import ConfigError
 from ldm_jax.first_stage import FirstStage
-from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler, TextTransformer
+from ldm_jax.models.conditioning import (ClassEmbedder, SpatialRescaler, TextTransformer,
+                                         layout_tokens, layout_vocab_size)
 
 NO_CONDITION = {"context": None, "context_mask": None, "y": None, "concat": None}
 
@@ -63,12 +65,18 @@ class Conditioner:
     self.class_embedder = self.text = self.rescaler = None
     if self.context == "class":
       self.class_embedder = ClassEmbedder(num_classes, c.embed_dim, c.null)
-    elif self.context == "text":
-      self.text = TextTransformer(vocab_size, c.text_max_length, c.embed_dim, c.text_depth,
+    elif self.context in ("text", "layout"):
+      if self.context == "layout":
+        self.layout_grid = c.get("layout_grid", 32)
+        vocab_size = layout_vocab_size(num_classes, self.layout_grid)
+      self.text = TextTransformer(vocab_size, self.context_length(), c.embed_dim, c.text_depth,
                                   c.text_heads, null=c.null, dropout=config.unet.dropout,
                                   dtype=dtype)
-    if self.concat == "segmentation":
-      self.rescaler = SpatialRescaler(c.rescaler_stages, 0.5, out_channels=0)
+    if self.concat == "segmentation":   # (configs from before the fields: no mapper, antialias)
+      self.rescaler = SpatialRescaler(c.rescaler_stages, 0.5,
+                                      out_channels=c.get("rescaler_channels", 0),
+                                      antialias=c.get("rescaler_antialias", True))
+    self.inpaint_compvis = c.get("inpaint_convention", "ldm_jax") == "compvis"
     # adm with a learned null uses one extra label row (index num_classes), like the embedder.
     self.adm_classes = num_classes + (1 if c.null == "learned" else 0) if self.adm else 0
 
@@ -84,11 +92,21 @@ class Conditioner:
     if self.concat == "inpaint":
       return self.first.latent_channels + 1
     if self.concat == "segmentation":
-      return self.config.cond.seg_classes
+      return self.rescaler.out_channels or self.config.cond.seg_classes
     return 0
 
   def context_length(self) -> int:
+    if self.context == "layout":
+      return 1 + 3 * self.config.data.max_boxes
     return 1 if self.context == "class" else self.config.cond.text_max_length
+
+  def tokens(self, batch):
+    """The transformer's token ids: the caption's, or a layout's (start, then class and two
+    corner tokens per box)."""
+    if self.context == "layout":
+      return layout_tokens(batch["boxes"], batch["box_classes"], self.num_classes,
+                           self.layout_grid)
+    return batch["tokens"]
 
   def init(self, rng, batch) -> dict:
     params = {}
@@ -96,7 +114,11 @@ class Conditioner:
     if self.class_embedder is not None:
       params["class"] = self.class_embedder.init(rng, batch["label"], drop)["params"]
     if self.text is not None:
-      params["text"] = self.text.init(rng, batch["tokens"], drop)["params"]
+      params["text"] = self.text.init(rng, self.tokens(batch), drop)["params"]
+    if self.rescaler is not None and self.rescaler.out_channels:
+      side = 2 ** self.rescaler.n_stages   # the 1x1 conv's kernel needs only the channels
+      onehot = jnp.zeros((1, side, side, self.config.cond.seg_classes))
+      params["rescaler"] = self.rescaler.init(rng, onehot)["params"]
     return params
 
   def __call__(self, params, batch, frozen_ae, drop, scale, train: bool = False, rng=None):
@@ -109,21 +131,25 @@ class Conditioner:
     if self.text is not None:
       rngs = {"dropout": rng} if train and rng is not None else None
       out["context"], out["context_mask"] = self.text.apply(
-          {"params": params["text"]}, batch["tokens"], drop, train, rngs=rngs)
+          {"params": params["text"]}, self.tokens(batch), drop, train, rngs=rngs)
     if self.adm:
       null_label = self.num_classes if self.null == "learned" else 0
       out["y"] = jnp.where(drop, null_label, batch["label"])
     if self.concat:
-      c = self.concat_input(batch, frozen_ae, scale)
+      c = self.concat_input(batch, frozen_ae, scale, params)
       out["concat"] = jnp.where(drop[:, None, None, None], 0.0, c)
     return out
 
-  def concat_input(self, batch, frozen_ae, scale):
+  def concat_input(self, batch, frozen_ae, scale, params=None):
     f = self.first.downsample_factor
     if self.concat == "lowres":
       return batch["lowres"].astype(jnp.float32)
     if self.concat == "inpaint":
       mask = batch["mask"].astype(jnp.float32)
+      if self.inpaint_compvis:   # cond.inpaint_convention='compvis' (CompVis' inpaint script)
+        masked = (batch["image"] + 1.0) * (1.0 - mask) - 1.0
+        z = self.first.latent(frozen_ae, masked, None)
+        return jnp.concatenate([z, mask[:, ::f, ::f] * 2.0 - 1.0], axis=-1)
       masked = batch["image"] * (1.0 - mask)
       z = self.first.latent(frozen_ae, masked, None) * scale
       b, h, w, _ = mask.shape
@@ -131,7 +157,8 @@ class Conditioner:
       return jnp.concatenate([z, small], axis=-1)
     if self.concat == "segmentation":
       onehot = jax.nn.one_hot(batch["segmentation"], self.config.cond.seg_classes)
-      return self.rescaler.apply({}, onehot)
+      mapper = {"params": params["rescaler"]} if self.rescaler.out_channels else {}
+      return self.rescaler.apply(mapper, onehot)
     raise ValueError(self.concat)
 
   def dummy_inputs(self, b: int, latent_size: int) -> dict:

@@ -80,6 +80,10 @@ _COMMON = {
                          "('captions/text'); '' = no captions."),
         "segmentation_key": F("", "tfds feature holding an integer semantic map aligned with "
                               "the image (segmentation conditioning); '' = none."),
+        "boxes_key": F("", "tfds feature holding object boxes (a BBoxFeature sequence, e.g. "
+                       "coco/2017's 'objects/bbox'; layout conditioning); '' = none."),
+        "box_classes_key": F("", "tfds feature holding the boxes' classes (e.g. "
+                             "'objects/label'); '' = class 0 for every box."),
         "index_dir": F("", "image_folder: where the folder's file index is kept ('' = "
                        "<workdir>/data_index); a shared folder, e.g. next to the data, lets "
                        "every run reuse one index. Rebuilt when the folder's top-level entries "
@@ -176,8 +180,11 @@ _AUTOENCODER = {
                      "factor is f = 2 ** (len(ch_mult) - 1)."),
         "num_res_blocks": F(2, "ResNet blocks per encoder level (the decoder has one more)."),
         "attn_resolutions": F((), "Feature-map sides (in pixels, e.g. 32) at which self-"
-                              "attention follows each ResNet block. The mid-block always has "
-                              "one attention block regardless."),
+                              "attention follows each ResNet block. The mid-block attention is "
+                              "set by `mid_attention`."),
+        "mid_attention": F(True, "Attention between the two mid-block ResBlocks of encoder and "
+                           "decoder; CompVis attn_type 'none' and diffusers "
+                           "mid_block_add_attention=False turn it off."),
         "z_channels": F(4, "Channels of the encoder output / decoder input."),
         "embed_dim": F(4, "Channels of the latent the diffusion model sees (after quant_conv)."),
         "dropout": F(0.0, "Dropout inside ResNet blocks."),
@@ -268,6 +275,10 @@ _LDM = {
                              "SpatialTransformer (Stable Diffusion 2 style)."),
         "use_scale_shift_norm": F(False, "Time embedding as scale and shift of the ResBlock "
                                   "norm (FiLM) instead of added."),
+        "coord_channels": F(False, "Concatenate the latent grid's (y, x) coordinates in "
+                            "[-1, 1] to the UNet input (2 channels; CoordConv). Not in the "
+                            "paper: it lets a small, briefly trained model place what a layout's "
+                            "cross-attention asks for at the boxes' positions."),
         "resblock_updown": F(False, "Resample inside ResBlocks instead of separate conv "
                              "layers."),
         "conv_resample": F(True, "Learned 3x3 convs around resampling (else pooling/nearest)."),
@@ -311,10 +322,12 @@ _LDM = {
     "cond": {
         "type": F("none", "Conditioning: none; class (labels -> embedder -> cross-attention); "
                   "adm (labels added to the time embedding); text (captions -> transformer -> "
+                  "cross-attention); layout (boxes + object classes as tokens -> transformer -> "
                   "cross-attention); concat (a spatial condition concatenated to the latent); "
                   "hybrid (concat + cross-attention).",
-                  choices=("none", "class", "adm", "text", "concat", "hybrid")),
-        "context": F("class", "hybrid: what feeds the cross-attention.", choices=("class", "text")),
+                  choices=("none", "class", "adm", "text", "layout", "concat", "hybrid")),
+        "context": F("class", "hybrid: what feeds the cross-attention.",
+                     choices=("class", "text", "layout")),
         "concat": F("lowres", "concat/hybrid: the spatial condition. lowres = the image "
                     "downsampled to the latent grid (super-resolution); inpaint = encoded masked "
                     "image + mask; segmentation = one-hot semantic map through a "
@@ -327,7 +340,11 @@ _LDM = {
         "mask_coverage": F((0.1, 0.5), "inpaint: (low, high) fraction of the image that a "
                            "random training mask covers (thick and thin strokes plus boxes, "
                            "ldm_jax/data/masks.py); the paper's hardest test band is 0.4-0.5."),
-        "num_classes": F(0, "Classes of class/adm conditioning; 0 takes the dataset's count."),
+        "num_classes": F(0, "Classes of class/adm conditioning (0 takes the dataset's count); "
+                         "layout: the number of object classes (required)."),
+        "layout_grid": F(32, "layout: each box corner is quantised to one of grid x grid "
+                         "positions; a layout is a start token, then per box its class token "
+                         "and its two corner tokens (1 + 3 * data.max_boxes tokens)."),
         "embed_dim": F(512, "Width of the class/text context (the UNet's context_dim)."),
         "p_uncond": F(0.1, "Probability of replacing an example's condition by the null "
                       "condition in training, for classifier-free guidance (0 disables)."),
@@ -340,12 +357,27 @@ _LDM = {
                         "vocab.txt)."),
         "text_vocab_size": F(8192, "Vocabulary size of a trained tokenizer."),
         "text_max_length": F(77, "Tokens per caption (padded/truncated)."),
-        "text_depth": F(8, "Transformer layers of the text encoder (the paper's 1.45B model: "
-                        "32)."),
-        "text_heads": F(8, "Attention heads of the text encoder."),
+        "text_depth": F(8, "Transformer layers of the text (or layout) encoder (the paper's "
+                        "1.45B text model: 32)."),
+        "text_heads": F(8, "Attention heads of the text (or layout) encoder."),
         "seg_classes": F(0, "segmentation: number of classes of the semantic maps."),
         "rescaler_stages": F(2, "segmentation: x0.5 bilinear resizing stages to the latent "
                              "grid."),
+        "rescaler_channels": F(0, "segmentation: 0 = the resized one-hot map is the condition "
+                               "(seg_classes channels); > 0 = a learned 1x1 conv without bias "
+                               "maps it to this many channels (CompVis' SpatialRescaler "
+                               "out_channels: 3 in semantic_synthesis256)."),
+        "rescaler_antialias": F(False, "segmentation: antialias the bilinear halvings "
+                                "(jax.image.resize's filter; runs from before this field "
+                                "existed used it). False = torch's F.interpolate(bilinear, "
+                                "align_corners=False), the reference's."),
+        "inpaint_convention": F("ldm_jax", "inpaint: the values of the condition. ldm_jax = "
+                                "mask 0/1 sampled at each latent cell's centre, masked pixels "
+                                "0, the encoding scaled by diffusion.scale_factor; compvis = "
+                                "mask -1/1 from each cell's top-left pixel (torch's 'nearest'), "
+                                "masked pixels -1 (black), the encoding unscaled, as CompVis' "
+                                "scripts/inpaint.py feeds inpainting_big.",
+                                choices=("ldm_jax", "compvis")),
     },
     "sample": {
         "sampler": F("ddim", "Sampler for image summaries and sample.py defaults.",

@@ -52,10 +52,18 @@ class Pipeline:
   def latent_shape(self, batch: int, image_size: int | None = None):
     return self.ldm.latent_shape(batch, image_size)
 
-  def condition_batch(self, n: int, labels=None, prompts=None, images=None, masks=None):
-    """The batch dict the conditioner reads, for n samples."""
+  def condition_batch(self, n: int, labels=None, prompts=None, images=None, masks=None,
+                      layouts=None):
+    """The batch dict the conditioner reads, for n samples. `layouts`: (boxes (n, N, 4) in
+    [0, 1] of the canvas, classes (n, N), -1 = no box) for a layout model."""
     batch: dict[str, Any] = {}
     cond = self.ldm.cond
+    if cond.context == "layout":
+      if layouts is None:
+        raise JobError("this model is layout-conditional: give box layouts (sample.py "
+                       "--task=layout --inputs=<folder of .json box files>)")
+      batch["boxes"] = np.asarray(layouts[0], np.float32).reshape(n, -1, 4)
+      batch["box_classes"] = np.asarray(layouts[1], np.int32).reshape(n, -1)
     if cond.context == "class" or cond.adm:
       if labels is None:
         raise JobError(f"this model is class-conditional ({self.num_classes} classes): give "

@@ -57,7 +57,9 @@ class LatentDiffusion:
     self.latent_size = c.data.image_size // first.downsample_factor
     vocab = tokenizer.vocab_size if tokenizer is not None else 0
     self.cond = Conditioner(c, first, vocab, num_classes, self.dtype)
-    self.unet = build_unet(c.unet, in_channels=first.latent_channels + self.cond.concat_channels,
+    self.coord_channels = 2 if c.unet.get("coord_channels", False) else 0
+    self.unet = build_unet(c.unet, in_channels=first.latent_channels + self.cond.concat_channels
+                           + self.coord_channels,
                            out_channels=first.latent_channels, context=bool(self.cond.context),
                            adm_classes=self.cond.adm_classes, dtype=self.dtype,
                            activation_sharding=activation_sharding)
@@ -68,7 +70,7 @@ class LatentDiffusion:
     r_unet, r_cond = jax.random.split(rng)
     cond_params = self.cond.init(r_cond, jax.tree_util.tree_map(lambda x: x[:1], batch))
     z = jnp.zeros((1, self.latent_size, self.latent_size, self.first.latent_channels))
-    inputs = self.cond.dummy_inputs(1, self.latent_size)
+    inputs = self._with_coords(self.cond.dummy_inputs(1, self.latent_size), z.shape)
     unet_params = self.unet.init(r_unet, *self._unet_args(z, jnp.zeros((1,), jnp.int32),
                                                           inputs))["params"]
     return {"unet": unet_params, "cond": cond_params}
@@ -79,6 +81,10 @@ class LatentDiffusion:
     batch = {"image": jnp.zeros((b, size, size, ch)), "label": jnp.zeros((b,), jnp.int32)}
     if self.tokenizer is not None:
       batch["tokens"] = jnp.zeros((b, self.config.cond.text_max_length), jnp.int32)
+    if self.cond.context == "layout":
+      n = self.config.data.max_boxes
+      batch["boxes"] = jnp.zeros((b, n, 4))
+      batch["box_classes"] = jnp.full((b, n), -1, jnp.int32)
     return batch
 
   def abstract_params(self):
@@ -96,8 +102,22 @@ class LatentDiffusion:
       z = self.first.latent(frozen_ae, batch["image"], sample)
     return z * scale
 
-  def conditions(self, params, batch, frozen_ae, drop, scale, train=False, rng=None) -> dict:
-    return self.cond(params["cond"], batch, frozen_ae, drop, scale, train, rng)
+  def conditions(self, params, batch, frozen_ae, drop, scale, train=False, rng=None,
+                 latent_shape=None) -> dict:
+    """The UNet's conditioning inputs; with unet.coord_channels, the latent grid's coordinates
+    join the concat input (never dropped: they are not a condition)."""
+    cond = self.cond(params["cond"], batch, frozen_ae, drop, scale, train, rng)
+    return self._with_coords(cond, latent_shape)
+
+  def _with_coords(self, cond, latent_shape):
+    if not self.coord_channels:
+      return cond
+    b, h, w = latent_shape[:3]
+    yx = jnp.stack(jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w),
+                                indexing="ij"), axis=-1)
+    coords = jnp.broadcast_to(yx, (b, h, w, 2))
+    concat = cond["concat"]
+    return dict(cond, concat=coords if concat is None else jnp.concatenate([concat, coords], -1))
 
   def _unet_args(self, z, t, cond):
     x = z if cond["concat"] is None else jnp.concatenate([z, cond["concat"]], axis=-1)
@@ -125,7 +145,7 @@ class LatentDiffusion:
     z = self.latents(frozen_ae, batch, r_latent if train else None, scale)
     p = self.config.cond.p_uncond if p_uncond is None else p_uncond
     drop = jax.random.bernoulli(r_drop, p, (z.shape[0],))
-    cond = self.conditions(params, batch, frozen_ae, drop, scale, train, r_dropout)
+    cond = self.conditions(params, batch, frozen_ae, drop, scale, train, r_dropout, z.shape)
     model = lambda x, t: self.model_fn(params, train, r_dropout)(x, t, cond)  # noqa: E731
     weighting = d.loss_weighting if train else "none"
     loss, per_example, t = process.diffusion_loss(
@@ -141,10 +161,11 @@ class LatentDiffusion:
     the UNet on overlapping tiles of that many latent pixels (diffusion/tiling.py)."""
     s = settings.resolve(self.config.sample)
     keep = jnp.zeros((x_T.shape[0],), bool)
-    cond = self.conditions(params, cond_batch, frozen_ae, keep, scale)
+    cond = self.conditions(params, cond_batch, frozen_ae, keep, scale, latent_shape=x_T.shape)
     guidance = None
     if self.cond.conditional and s.guidance_scale != 1.0:
-      null = self.conditions(params, cond_batch, frozen_ae, ~keep, scale)
+      null = self.conditions(params, cond_batch, frozen_ae, ~keep, scale,
+                             latent_shape=x_T.shape)
       guidance = samplers.Guidance(s.guidance_scale, null)
     kwargs = dict(parameterization=self.config.diffusion.parameterization, guidance=guidance,
                   mask=mask, eta=s.eta, spacing=s.spacing)

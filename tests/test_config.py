@@ -168,3 +168,15 @@ def test_train_cli_reports_config_error_in_one_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: data.image_size (30) must be divisible"), last
   assert not pathlib.Path(tmp_path, "checkpoints").exists()
+
+
+def test_segmentation_rescaler_channels_are_checked():
+  c = load_config("tiny_ldm", "class")
+  c.cond.update({"type": "concat", "concat": "segmentation", "seg_classes": 5,
+                 "rescaler_channels": -1})
+  c.unet.use_spatial_transformer = False
+  with pytest.raises(ConfigError, match=r"cond.rescaler_channels: expected 0 \(the one-hot map "
+                     r"as it is\) or a channel count, got -1"):
+    config_lib.validate(c)
+  c.cond.rescaler_channels = 3
+  config_lib.validate(c)

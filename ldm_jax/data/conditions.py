@@ -3,6 +3,8 @@
 A route is the pair (context, concat) of a `config.cond` section:
 
   context  'class' -> label            'text' -> tokens (caption through the tokenizer)
+           'layout' -> boxes + box_classes, moved with the image's crop and flip (tokenised on
+                      the device, models/conditioning.layout_tokens)
   concat   'lowres' -> the image degraded to the latent grid (super-resolution; bicubic or the
                       BSR-style chain of cond.degradation, ldm_jax/data/degradations.py)
            'inpaint' -> a random mask (the masked image is encoded on the device)
@@ -27,8 +29,8 @@ CACHED_CONDITIONS = {"lowres": ("lowres",), "segmentation": ("segmentation",)}
 
 
 def context_kind(cond_config) -> str:
-  """'class', 'text' or '': what feeds the cross-attention."""
-  if cond_config.type in ("class", "text"):
+  """'class', 'text', 'layout' or '': what feeds the cross-attention."""
+  if cond_config.type in ("class", "text", "layout"):
     return cond_config.type
   if cond_config.type == "hybrid":
     return cond_config.context
@@ -38,6 +40,12 @@ def context_kind(cond_config) -> str:
 def concat_kind(cond_config) -> str:
   """'lowres', 'inpaint', 'segmentation' or '': the spatial condition concatenated to z_t."""
   return cond_config.concat if cond_config.type in ("concat", "hybrid") else ""
+
+
+def cached_conditions(cond_config) -> str:
+  """What a latent cache stores besides latents and labels (part of its fingerprint)."""
+  concat = concat_kind(cond_config)
+  return f"{concat}+boxes" if context_kind(cond_config) == "layout" else concat
 
 
 def needs_labels(cond_config) -> bool:
@@ -75,13 +83,17 @@ def _flip(out: dict, keys) -> dict:
   for key in keys:
     if key in out:
       out[key] = np.ascontiguousarray(out[key][:, ::-1])
+  if "boxes" in out:   # [x0, y0, x1, y1] in [0, 1] -> [1 - x1, y0, 1 - x0, y1]; padding stays
+    b = out["boxes"]
+    flipped = np.stack([1.0 - b[:, 2], b[:, 1], 1.0 - b[:, 0], b[:, 3]], axis=-1)
+    out["boxes"] = np.where((out["box_classes"] >= 0)[:, None], flipped, b).astype(np.float32)
   return out
 
 
 def cached_example(example: dict, rng: np.random.Generator, *, flip: bool) -> dict:
   """A latent-cache entry -> a training example; a flip flips latent and conditions alike."""
   out = {"latent": np.asarray(example["latent"])}   # 16-bit stays so: the step converts
-  for key in ("lowres", "segmentation"):
+  for key in ("lowres", "segmentation", "boxes", "box_classes"):
     if key in example:
       out[key] = np.asarray(example[key])
   if flip and rng.random() < 0.5:
@@ -97,6 +109,7 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
   c = config.cond
   image_fn = image_example_fn(config.data, train)
   concat = concat_kind(c)
+  layout = context_kind(c) == "layout"
   size = config.data.image_size
 
   def fn(example, rng):
@@ -111,8 +124,16 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
       out.update(spatial_conditions(c, out["image"], latent_size, rng))
     if concat != "segmentation":
       out.pop("segmentation", None)
-    for key in ("boxes", "box_classes"):   # no route conditions on boxes yet
-      out.pop(key, None)
+    if layout and "boxes" not in out:
+      raise ConfigError("cond.type='layout': the training examples have no boxes (an image "
+                        "folder with name.json box files beside the images)")
+    if layout and out["box_classes"].max() >= c.num_classes:
+      raise ConfigError(f"cond.num_classes: a box file names class "
+                        f"{int(out['box_classes'].max())}, but the model has {c.num_classes} "
+                        f"object classes (0..{c.num_classes - 1})")
+    if not layout:
+      for key in ("boxes", "box_classes"):
+        out.pop(key, None)
     if tokenizer is not None:
       out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
     if concat == "inpaint":   # the folder's own mask (data.mask_dir), else a random one
@@ -132,11 +153,12 @@ def cache_example_fn(config, *, latent_size: int):
   stores in a latent cache (see CACHED_CONDITIONS)."""
   image_fn = image_example_fn(config.data, train=False)
   concat = concat_kind(config.cond)
+  boxes = ("boxes", "box_classes") if context_kind(config.cond) == "layout" else ()
 
   def fn(example, rng):
     out = image_fn(example, rng)
     out.update(spatial_conditions(config.cond, out["image"], latent_size, rng))
-    keep = {"image", "label", *CACHED_CONDITIONS.get(concat, ())}
+    keep = {"image", "label", *CACHED_CONDITIONS.get(concat, ()), *boxes}
     return {k: v for k, v in out.items() if k in keep}   # no masks or boxes nobody reads
 
   return fn

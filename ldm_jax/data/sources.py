@@ -227,7 +227,8 @@ class TfdsSource(Source):
   """A tensorflow-datasets catalog dataset read by random access from ArrayRecord files."""
 
   def __init__(self, name, split, data_dir="", manual_dir="", prepare=True, image_key="image",
-               label_key="label", caption_key="", channels=3, segmentation_key=""):
+               label_key="label", caption_key="", channels=3, segmentation_key="",
+               boxes_key="", box_classes_key=""):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
@@ -246,6 +247,11 @@ class TfdsSource(Source):
                       f"{sorted(features.keys())})")
     self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
     self.segmentation_key = segmentation_key
+    self.boxes_key, self.box_classes_key = boxes_key, box_classes_key
+    for field, key in (("boxes_key", boxes_key), ("box_classes_key", box_classes_key)):
+      if key and key.split("/")[0] not in features:
+        raise DataError(f"data.{field}: tfds '{name}' has no feature '{key.split('/')[0]}' "
+                        f"(features: {sorted(features.keys())})")
     if segmentation_key and segmentation_key not in features:
       raise DataError(f"data.segmentation_key: tfds '{name}' has no feature "
                       f"'{segmentation_key}' (features: {sorted(features.keys())})")
@@ -270,14 +276,34 @@ class TfdsSource(Source):
       example["label"] = int(raw[self.label_key])
     if self.segmentation_key:
       example["segmentation"] = np.asarray(raw[self.segmentation_key])
+    if self.boxes_key:
+      example["boxes"], example["box_classes"] = tfds_boxes(
+          _nested(raw, self.boxes_key), _nested(raw, self.box_classes_key)
+          if self.box_classes_key else None, image.shape[:2])
     if self.caption_key:
-      value = raw
-      for part in self.caption_key.split("/"):
-        value = value[part]
-      value = np.asarray(value).reshape(-1)
+      value = np.asarray(_nested(raw, self.caption_key)).reshape(-1)
       text = value[0] if value.size else b""
       example["caption"] = text.decode("utf-8") if isinstance(text, bytes) else str(text)
     return example
+
+
+def _nested(raw, key: str):
+  """raw['a']['b'] for key 'a/b' (tfds nests sequence features such as objects/bbox)."""
+  for part in key.split("/"):
+    raw = raw[part]
+  return raw
+
+
+def tfds_boxes(bbox, classes, shape) -> tuple[np.ndarray, np.ndarray]:
+  """tfds BBoxFeature rows (ymin, xmin, ymax, xmax) in [0, 1] and their classes -> boxes
+  (N, 4) [x0, y0, x1, y1] in pixels of an image of `shape` (H, W), and int32 classes (zeros
+  without a class feature): the layout of the folder's box files."""
+  h, w = shape
+  b = np.asarray(bbox, np.float32).reshape(-1, 4)
+  boxes = np.stack([b[:, 1] * w, b[:, 0] * h, b[:, 3] * w, b[:, 2] * h], axis=-1)
+  labels = (np.zeros(len(b), np.int32) if classes is None
+            else np.asarray(classes, np.int32).reshape(-1))
+  return boxes, labels
 
 
 def _prepare_once(builder, name, data_dir, manual_dir, prepare):
@@ -377,7 +403,8 @@ def open_source(data_config, split: str, *, index_dir: str = "") -> Source:
   if d.source == "tfds":
     # tfds understands the full split syntax itself.
     return TfdsSource(d.tfds_name, split, d.data_dir, d.manual_dir, d.prepare, d.image_key,
-                      d.label_key, d.caption_key, d.channels, d.segmentation_key)
+                      d.label_key, d.caption_key, d.channels, d.segmentation_key,
+                      d.get("boxes_key", ""), d.get("box_classes_key", ""))
   if d.source == "image_folder":
     within = lambda folder: sidecars.join(folder, name) if folder and name else folder  # noqa: E731
     root = within(d.path)

@@ -3,7 +3,9 @@
 Module names follow the reference checkpoints (encoder.down.{i}.block.{j} becomes
 encoder/down_{i}_block_{j}), which keeps the weight converters a plain renaming. Attention
 placement is decided by level from the training `resolution`, so larger inputs keep the same
-architecture (convolutional sampling of large images relies on that).
+architecture (convolutional sampling of large images relies on that). `mid_attention=False`
+drops the attention between the two mid-block ResNet blocks of encoder and decoder (CompVis'
+attn_type 'none', diffusers' mid_block_add_attention=False).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Encoder(nn.Module):
   remat: str = "none"
   attention_impl: str | None = "auto"
   norm_groups: int = 32
+  mid_attention: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -84,7 +87,8 @@ class Encoder(nn.Module):
         res //= 2
     width = self.ch * self.ch_mult[-1]
     h = block(width, "mid_block_1")(h, train)
-    h = attn("mid_attn_1")(h)
+    if self.mid_attention:
+      h = attn("mid_attn_1")(h)
     h = block(width, "mid_block_2")(h, train)
     h = nn.swish(group_norm("norm_out", groups=self.norm_groups)(h)).astype(self.dtype)
     out = 2 * self.z_channels if self.double_z else self.z_channels
@@ -108,6 +112,7 @@ class Decoder(nn.Module):
   remat: str = "none"
   attention_impl: str | None = "auto"
   norm_groups: int = 32
+  mid_attention: bool = True
 
   @nn.compact
   def __call__(self, z, train: bool = False, part: str = "all"):
@@ -123,7 +128,8 @@ class Decoder(nn.Module):
     res = self.resolution // 2 ** (levels - 1)
     h = conv(width, dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     h = block(width, "mid_block_1")(h, train)
-    h = attn("mid_attn_1")(h)
+    if self.mid_attention:
+      h = attn("mid_attn_1")(h)
     h = block(width, "mid_block_2")(h, train)
     for i in reversed(range(levels)):
       for j in range(self.num_res_blocks + 1):
@@ -154,6 +160,7 @@ class _FirstStage(nn.Module):
   remat: str = "none"
   attention_impl: str | None = "auto"
   norm_groups: int = 32
+  mid_attention: bool = True
 
   @property
   def downsample_factor(self) -> int:
@@ -163,7 +170,8 @@ class _FirstStage(nn.Module):
     return dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                 attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                 dropout=self.dropout, dtype=self.dtype, remat=self.remat,
-                attention_impl=self.attention_impl, norm_groups=self.norm_groups)
+                attention_impl=self.attention_impl, norm_groups=self.norm_groups,
+                mid_attention=self.mid_attention)
 
   def _coders(self):
     """The Encoder and Decoder classes; remat='full' rematerialises each as one unit (the

@@ -54,7 +54,7 @@ def build_autoencoder(model_config, *, image_size: int, channels: int, dtype=jnp
             attn_resolutions=tuple(m.attn_resolutions), z_channels=m.z_channels,
             embed_dim=m.embed_dim, resolution=image_size, dropout=m.dropout, dtype=dtype,
             remat=m.remat, attention_impl=attention_impl,
-            norm_groups=m.get("norm_groups", 32))
+            norm_groups=m.get("norm_groups", 32), mid_attention=m.get("mid_attention", True))
   if m.type == "kl":
     return AutoencoderKL(**kw)
   return VQModel(n_embed=m.n_embed, beta=m.vq_beta, ema_decay=m.vq_ema_decay,
@@ -155,6 +155,6 @@ def check_unet_config(config) -> None:
     raise ConfigError(f"unet.model_channels ({u.model_channels}) x unet.channel_mult "
                       f"{tuple(u.channel_mult)} must be divisible by unet.norm_groups "
                       f"({groups}), the GroupNorm group count")
-  if cond.type in ("class", "text", "hybrid") and not u.use_spatial_transformer:
+  if cond.type in ("class", "text", "layout", "hybrid") and not u.use_spatial_transformer:
     raise ConfigError(f"unet.use_spatial_transformer: cond.type='{cond.type}' feeds a "
                       f"cross-attention context, which needs SpatialTransformer blocks (set True)")

@@ -1,5 +1,5 @@
-"""Conditioning encoders tau_theta: class labels and text to a cross-attention context, and the
-spatial rescaler for concatenated conditions.
+"""Conditioning encoders tau_theta: class labels, text and layouts to a cross-attention context,
+and the spatial rescaler for concatenated conditions.
 
 Every encoder takes a `drop` mask (B,) bool: dropped examples get the null condition, which is
 how classifier-free guidance is trained (condition dropout) and sampled (the unconditional half
@@ -90,13 +90,38 @@ class TextTransformer(nn.Module):
     return context, mask
 
 
+def layout_vocab_size(num_classes: int, grid: int) -> int:
+  """Token ids of a layout: 0 padding, 1 start, 2..1+C classes, then grid*grid positions."""
+  return 2 + num_classes + grid * grid
+
+
+def layout_tokens(boxes, box_classes, num_classes: int, grid: int):
+  """Boxes (B, N, 4) [x0, y0, x1, y1] in [0, 1] with classes (B, N) (-1 = padding) -> token
+  ids (B, 1 + 3N): a start token, then per object its class token and the tokens of its
+  top-left and bottom-right corners quantised on a grid x grid lattice (as the paper's layout
+  model: class, then the two corners). Padding objects become padding tokens (id 0), so the
+  transformer and the cross-attention ignore them."""
+  b, n = box_classes.shape
+  corner = lambda x, y: (2 + num_classes + jnp.round(y * (grid - 1)).astype(jnp.int32) * grid  # noqa: E731
+                         + jnp.round(x * (grid - 1)).astype(jnp.int32))
+  xy = jnp.clip(boxes, 0.0, 1.0)
+  per_object = jnp.stack([2 + jnp.clip(box_classes, 0, num_classes - 1),
+                          corner(xy[..., 0], xy[..., 1]), corner(xy[..., 2], xy[..., 3])], -1)
+  per_object = jnp.where((box_classes >= 0)[..., None], per_object, 0)
+  return jnp.concatenate([jnp.ones((b, 1), jnp.int32),
+                          per_object.reshape(b, 3 * n).astype(jnp.int32)], axis=1)
+
+
 class SpatialRescaler(nn.Module):
   """Resizes a spatial condition by `multiplier` n_stages times (bilinear), then optionally
-  maps its channels with a 1x1 conv (no bias): semantic maps to the latent grid."""
+  maps its channels with a 1x1 conv (no bias): semantic maps to the latent grid. `antialias`
+  filters when downsampling (jax.image.resize's default); without it a bilinear halving is
+  torch's F.interpolate(mode='bilinear', align_corners=False), the reference's."""
   n_stages: int = 1
   multiplier: float = 0.5
   out_channels: int = 0
   method: str = "bilinear"
+  antialias: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -104,7 +129,7 @@ class SpatialRescaler(nn.Module):
     for _ in range(self.n_stages):
       b, h, w, c = x.shape
       x = jax.image.resize(x, (b, round(h * self.multiplier), round(w * self.multiplier), c),
-                           self.method)
+                           self.method, antialias=self.antialias)
     if self.out_channels:
       x = nn.Conv(self.out_channels, (1, 1), use_bias=False, name="channel_mapper")(x)
     return x
@@ -116,19 +141,32 @@ def check_conditioning_config(config) -> None:
   cond, data = config.cond, config.data
   if cond.embed_dim <= 0:
     raise ConfigError(f"cond.embed_dim: must be positive, got {cond.embed_dim}")
-  text = cond.type == "text" or (cond.type == "hybrid" and cond.context == "text")
-  if text:
+  context = cond.context if cond.type == "hybrid" else cond.type
+  if context == "layout":
+    if cond.num_classes <= 0:
+      raise ConfigError("cond.num_classes: layout conditioning needs the number of object "
+                        "classes (box files' 'class' values are 0..num_classes-1)")
+    if data.source == "tfds" and not data.get("boxes_key", ""):
+      raise ConfigError("data.boxes_key: layout conditioning needs the boxes' tfds feature "
+                        "(coco/2017: 'objects/bbox', with data.box_classes_key='objects/label')")
+    if cond.get("layout_grid", 32) < 2:
+      raise ConfigError(f"cond.layout_grid: needs at least 2 positions per side, got "
+                        f"{cond.layout_grid}")
+  if context in ("text", "layout") and (cond.text_heads <= 0 or cond.embed_dim % cond.text_heads):
+    raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
+                      f"({cond.embed_dim})")
+  if context == "text":
     if cond.text_tokenizer == "vocab" and not cond.text_vocab:
       raise ConfigError("cond.text_vocab: text conditioning with text_tokenizer='vocab' needs "
                         "a vocab.txt or tokenizer.json path (or set text_tokenizer='train')")
     if data.source == "tfds" and not data.caption_key:
       raise ConfigError("data.caption_key: text conditioning needs the captions' tfds feature")
-    if cond.text_heads <= 0 or cond.embed_dim % cond.text_heads:
-      raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
-                        f"({cond.embed_dim})")
   if cond.type in ("concat", "hybrid") and cond.concat == "segmentation":
     if cond.seg_classes <= 0:
       raise ConfigError("cond.seg_classes: segmentation conditioning needs the class count")
+    if cond.get("rescaler_channels", 0) < 0:
+      raise ConfigError(f"cond.rescaler_channels: expected 0 (the one-hot map as it is) or a "
+                        f"channel count, got {cond.rescaler_channels}")
     if data.source == "tfds" and not data.segmentation_key:
       raise ConfigError("data.segmentation_key: segmentation conditioning needs the semantic "
                         "maps' tfds feature")

@@ -32,11 +32,19 @@ RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_
                   "unet.dropout", "cond.p_uncond")
 # Fields the new config may lack in old checkpoints' configs (added since), with the value the
 # old code behaved as.
-ADDED_FIELDS = {"model.norm_groups": 32, "unet.norm_groups": 32, "unet.norm_eps": 1e-5,
+ADDED_FIELDS = {"model.norm_groups": 32, "model.mid_attention": True,
+                "unet.norm_groups": 32, "unet.norm_eps": 1e-5,
                 "data.workers": -1, "data.on_bad_image": "error", "data.index_dir": "",
                 "data.rebuild_index": False, "data.mask_dir": "", "data.segmentation_dir": "",
                 "data.max_boxes": 16, "mesh.shard_frozen": True,
-                "cond.degradation": "bicubic", "cond.mask_coverage": [0.1, 0.5]}
+                "cond.degradation": "bicubic", "cond.mask_coverage": [0.1, 0.5],
+                "cond.layout_grid": 32, "cond.rescaler_channels": 0,
+                "cond.rescaler_antialias": True, "cond.inpaint_convention": "ldm_jax",
+                "data.boxes_key": "", "data.box_classes_key": "", "unet.coord_channels": False}
+# Architecture fields that shape one concat route only: for a model on another route a change
+# to them changes nothing (an old text model resumes without cond.rescaler_antialias=True).
+ROUTE_FIELDS = {"cond.rescaler_channels": "segmentation", "cond.rescaler_antialias": "segmentation",
+                "cond.inpaint_convention": "inpaint"}
 # Fields old checkpoints' configs may hold that no longer exist (data.num_threads: grain's
 # data.workers replaced the thread pool).
 REMOVED_FIELDS = ("data.num_threads",)
@@ -46,6 +54,11 @@ def is_architecture(path: str) -> bool:
   if path in RUNTIME_FIELDS:
     return False
   return any(fnmatch.fnmatchcase(path, pattern) for pattern in ARCHITECTURE_FIELDS)
+
+
+def _concat_route(config) -> str:
+  cond = config.get("cond") or {}   # (stage-1 configs have none)
+  return cond["concat"] if cond.get("type") in ("concat", "hybrid") else ""
 
 
 def changed_fields(saved: dict, current) -> dict[str, tuple]:
@@ -68,7 +81,9 @@ def check_resume_config(saved: dict | None, current, where: str):
   if not saved:
     return
   changes = changed_fields(saved, current)
-  arch = {k: v for k, v in changes.items() if is_architecture(k)}
+  route = _concat_route(current)
+  arch = {k: v for k, v in changes.items()
+          if is_architecture(k) and ROUTE_FIELDS.get(k, route) == route}
   if arch:
     listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in list(arch.items())[:3])
     more = f" (+{len(arch) - 3} more)" if len(arch) > 3 else ""

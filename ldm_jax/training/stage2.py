@@ -78,7 +78,7 @@ class LatentDiffusionStage(Stage):
     directory = c.first_stage.latent_cache or os.path.join(self.workdir, "latents")
     fingerprint = {"first_stage": self.first.source, "data": source.description,
                    "image_size": c.data.image_size, "resize_mode": c.data.resize_mode,
-                   "conditions": conditions.concat_kind(c.cond),
+                   "conditions": conditions.cached_conditions(c.cond),
                    "latent_dtype": c.first_stage.latent_dtype,
                    "latent_shard_size": c.first_stage.latent_shard_size}
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())

@@ -141,3 +141,13 @@ def test_only_process_0_prepares_a_tfds_dataset(tmp_path, monkeypatch):
   with pytest.raises(DataError, match="process 0 prepares it"):
     sources.TfdsSource("captioned_digits", "train", data_dir=str(tmp_path / "fresh"))
   assert not any((tmp_path / "fresh").rglob("*.array_record*"))
+
+
+def test_tfds_boxes_become_pixel_corner_boxes():
+  """tfds BBoxFeature rows are (ymin, xmin, ymax, xmax) in [0, 1]; box files hold pixels."""
+  from ldm_jax.data.sources import tfds_boxes  # pylint: disable=g-import-not-at-top
+  boxes, classes = tfds_boxes([[0.1, 0.2, 0.5, 1.0], [0.0, 0.0, 1.0, 0.5]], [3, 7], (100, 200))
+  np.testing.assert_allclose(boxes, [[40, 10, 200, 50], [0, 0, 100, 100]], atol=1e-4)
+  np.testing.assert_array_equal(classes, [3, 7])
+  _, none = tfds_boxes(np.zeros((0, 4)), None, (10, 10))
+  assert none.shape == (0,)

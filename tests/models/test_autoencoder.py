@@ -43,7 +43,7 @@ def test_latent_and_output_shapes_for_every_f(kind, ch_mult):
 
 
 def test_reference_structure():
-  """Decoder: num_res_blocks + 1 blocks per level; mid-block attention always present."""
+  """Decoder: num_res_blocks + 1 blocks per level; mid-block attention present by default."""
   model = _model("kl", (1, 2, 2), num_res_blocks=2)
   params = jax.eval_shape(model.init, {"params": jax.random.PRNGKey(0),
                                        "sample": jax.random.PRNGKey(0)},
@@ -58,6 +58,32 @@ def test_reference_structure():
   assert not any("_attn_" in k and not k.startswith("mid") for k in dec)
   assert enc["conv_out"]["kernel"].shape[-1] == 8  # double_z: mean and log-variance
   assert params["quant_conv"]["kernel"].shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_without_mid_attention_has_no_mid_attention_params_and_trains(kind):
+  """mid_attention=False (CompVis attn_type 'none') drops exactly the two mid AttnBlocks; the
+  model still reconstructs at full shape and a gradient step lowers its reconstruction loss."""
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  rngs = {"params": jax.random.PRNGKey(0), "sample": jax.random.PRNGKey(1)}
+  model = _model(kind, (1, 2), resolution=16, mid_attention=False)
+  params = model.init(rngs, x)["params"]
+  full = jax.eval_shape(_model(kind, (1, 2), resolution=16).init, rngs, x)["params"]
+  assert "mid_attn_1" not in params["encoder"] and "mid_attn_1" not in params["decoder"]
+  size = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))  # noqa: E731
+  assert size(full) - size(params) == 2 * size(full["encoder"]["mid_attn_1"])
+  variables = {k: v for k, v in model.init(rngs, x).items() if k != "params"}
+
+  def loss(p):
+    out = model.apply({"params": p, **variables}, x, rngs={"sample": rngs["sample"]})
+    return jnp.mean((out[0] - x) ** 2), out[0].shape
+
+  (value, shape), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert shape == x.shape
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads["decoder"]["mid_block_1"]["conv1"]["kernel"]).max()) > 0
+  stepped = jax.tree_util.tree_map(lambda p, g: p - 1e-2 * g, params, grads)
+  assert float(jax.jit(loss)(stepped)[0]) < float(value)
 
 
 def _np_conv(x, w, b, stride, pad):

@@ -77,3 +77,47 @@ def test_trained_wordpiece_tokenizer(tmp_path):
   assert ids[0, 0] == 2 and ids[0, 4] == 3 and ids[0, 5] == PAD_ID  # [CLS] a red dog [SEP]
   assert ids[1, -1] == 3  # truncated, still ends with [SEP]
   assert len(set(ids[0, 1:4])) == 3 and 1 not in ids[0]  # known words, no [UNK]
+
+
+def test_spatial_rescaler_halving_is_torch_bilinear_unless_antialiased():
+  """Without antialias a x0.5 bilinear halving averages each 2x2 cell, as torch's
+  F.interpolate(mode='bilinear', align_corners=False); jax's antialiasing filter reaches
+  further."""
+  x = jnp.arange(64.0).reshape(1, 8, 8, 1) ** 1.5
+  cells = np.asarray(x).reshape(1, 4, 2, 4, 2, 1).mean(axis=(2, 4))
+  np.testing.assert_allclose(SpatialRescaler(n_stages=1).apply({}, x), cells, rtol=1e-6)
+  antialiased = SpatialRescaler(n_stages=1, antialias=True).apply({}, x)
+  assert float(jnp.max(jnp.abs(antialiased - cells))) > 0.1
+
+
+def test_conditioner_segmentation_mapper_and_configs_from_before_it():
+  """cond.rescaler_channels > 0: a learned bias-free 1x1 conv under params['cond']['rescaler']
+  and that many concat channels; configs saved before the fields existed keep their model (no
+  mapper, antialiased halvings)."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ldm_jax.conditioner import Conditioner  # pylint: disable=g-import-not-at-top
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("tiny_ldm", "class")
+  config.cond.update({"type": "concat", "concat": "segmentation", "seg_classes": 5,
+                      "rescaler_stages": 1})
+  first = types.SimpleNamespace(downsample_factor=2, channels=3, latent_channels=4)
+  seg = jnp.asarray(np.random.default_rng(0).integers(0, 5, (2, 16, 16)), jnp.int32)
+  batch = {"image": jnp.zeros((2, 16, 16, 3)), "segmentation": seg}
+  plain = Conditioner(config, first, 0, 0)
+  assert plain.concat_channels == 5 and plain.init(KEY, batch) == {}
+  cells = np.asarray(jax.nn.one_hot(seg, 5)).reshape(2, 8, 2, 8, 2, 5).mean(axis=(2, 4))
+  np.testing.assert_allclose(plain.concat_input(batch, None, 1.0, {}), cells, atol=1e-6)
+  config.cond.rescaler_channels = 3
+  mapped = Conditioner(config, first, 0, 0)
+  params = mapped.init(KEY, batch)
+  kernel = params["rescaler"]["channel_mapper"]["kernel"]
+  assert mapped.concat_channels == 3 and kernel.shape == (1, 1, 5, 3)
+  np.testing.assert_allclose(mapped.concat_input(batch, None, 1.0, params),
+                             cells @ np.asarray(kernel[0, 0]), rtol=1e-5, atol=1e-6)
+  old = config.to_dict()
+  for field in ("rescaler_channels", "rescaler_antialias"):
+    old["cond"].pop(field)
+  before = Conditioner(ml_collections.ConfigDict(old), first, 0, 0)
+  assert (before.rescaler.out_channels, before.rescaler.antialias) == (0, True)
+  assert before.concat_channels == 5
