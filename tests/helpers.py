@@ -46,6 +46,8 @@ ROUTES = {
     "lowres": {"type": "concat", "concat": "lowres"},
     "inpaint": {"type": "concat", "concat": "inpaint"},
     "segmentation": {"type": "concat", "concat": "segmentation"},
+    # CompVis' semantic-synthesis rescaler: a learned 1x1 conv to 3 channels after the halving.
+    "segmentation_mapper": {"type": "concat", "concat": "segmentation", "rescaler_channels": 3},
     "hybrid": {"type": "hybrid", "concat": "lowres", "context": "class"},
 }
 DIGITS = 32   # training digits of digit_source

@@ -14,9 +14,9 @@ import ml_collections
 
 from ldm_jax import config as config_lib
 from ldm_jax.interop import names
-from ldm_jax.interop.weights import UnsupportedError, state_to_params
+from ldm_jax.interop.weights import ConversionError, UnsupportedError, state_to_params
 from ldm_jax.models.autoencoder import VectorQuantizer
-from ldm_jax.models.conditioning import ClassEmbedder
+from ldm_jax.models.conditioning import ClassEmbedder, SpatialRescaler
 from ldm_jax.models.unet import UNet, heads_for_level
 from ldm_jax.models.build import build_autoencoder
 
@@ -36,16 +36,17 @@ def _no_data(config, source: str):
 # ---------------------------------------------------------------------------------------------
 def autoencoder_config(*, kind: str, ch: int, ch_mult, num_res_blocks: int, attn_levels,
                        z_channels: int, embed_dim: int, image_size: int, channels: int,
-                       n_embed: int = 0, norm_groups: int = 32,
+                       n_embed: int = 0, norm_groups: int = 32, mid_attention: bool = True,
                        source: str = "") -> ml_collections.ConfigDict:
   """A validated stage-1 config. `attn_levels` are the levels with attention after each ResNet
-  block (ldm_jax names them by feature-map side, at the training image size)."""
+  block (ldm_jax names them by feature-map side, at the training image size); `mid_attention`
+  whether the mid blocks have one."""
   c = config_lib.defaults("autoencoder")
   m = c.model
   m.type, m.ch, m.ch_mult = kind, int(ch), tuple(int(x) for x in ch_mult)
   m.num_res_blocks, m.z_channels, m.embed_dim = int(num_res_blocks), int(z_channels), int(embed_dim)
   m.attn_resolutions = tuple(int(image_size) // 2 ** i for i in sorted(attn_levels))
-  m.dropout, m.norm_groups = 0.0, int(norm_groups)
+  m.dropout, m.norm_groups, m.mid_attention = 0.0, int(norm_groups), bool(mid_attention)
   if kind == "vq":
     m.n_embed = int(n_embed)
   c.data.image_size, c.data.channels = int(image_size), int(channels)
@@ -83,9 +84,31 @@ def _vq_state(module) -> dict:
   return {"quantize": init["vq"]}
 
 
+def check_mid_attention(config, state, layout: str, where: str, settings: dict,
+                        prefix: str = ""):
+  """One ConversionError line when `config` and the weights disagree on the mid-block
+  attention. `settings` names the source config's setting for each case, e.g. {True:
+  "mid_block_add_attention=true", False: "mid_block_add_attention=false"}."""
+  wanted = bool(config.model.mid_attention)
+  attn = tuple(f"{prefix}{name}." for name in names.autoencoder_mid_attention(layout))
+  found = sorted(k for k in state if k.startswith(attn))
+  if found and not wanted:
+    raise ConversionError(f"{where}: {settings[False]} means no mid-block attention, but the "
+                          f"checkpoint has its {len(found)} weights (e.g. {found[0]}); set "
+                          f"{settings[True]}, or use the config the checkpoint was trained with")
+  if wanted and not found and any(k.startswith(f"{prefix}encoder.") for k in state):
+    raise ConversionError(f"{where}: {settings[True]} means a mid-block attention, but the "
+                          f"checkpoint has none of its weights (no {attn[0]}*, {attn[1]}*); set "
+                          f"{settings[False]}, or use the config the checkpoint was trained with")
+
+
 def autoencoder_variables(config, state, layout: str, where: str, prefix: str = "",
-                          ignore=()):
-  """(module, variables) of the autoencoder of `config` filled from `state`."""
+                          ignore=(), mid_attention_settings: dict | None = None):
+  """(module, variables) of the autoencoder of `config` filled from `state`. With
+  `mid_attention_settings` (check_mid_attention's `settings`) a disagreement on the mid-block
+  attention is said as such rather than as missing / unexpected weights."""
+  if mid_attention_settings:
+    check_mid_attention(config, state, layout, where, mid_attention_settings, prefix)
   module = autoencoder_module(config)
   abstract = autoencoder_shapes(module)
   entries = names.prefixed(names.autoencoder_entries(abstract["params"], layout), prefix)
@@ -173,6 +196,19 @@ def class_embedder_variables(num_classes: int, embed_dim: int, null: str, state,
   abstract = jax.eval_shape(lambda y: module.init(jax.random.PRNGKey(0), y),
                             jax.ShapeDtypeStruct((1,), jnp.int32))
   entries = names.prefixed(names.class_embedder_entries(abstract["params"]), prefix)
+  params = state_to_params(state, entries, abstract["params"], where)
+  return module, {"params": _device(params)}
+
+
+def rescaler_variables(n_stages: int, in_channels: int, out_channels: int, state, where: str,
+                       prefix: str = ""):
+  """(module, variables) of a SpatialRescaler with a channel mapper (bilinear x0.5 stages, not
+  antialiased: torch's F.interpolate) from `state`."""
+  module = SpatialRescaler(n_stages, 0.5, out_channels=out_channels, antialias=False)
+  side = 2 ** n_stages
+  abstract = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x),
+                            jax.ShapeDtypeStruct((1, side, side, in_channels), jnp.float32))
+  entries = names.prefixed(names.rescaler_entries(abstract["params"]), prefix)
   params = state_to_params(state, entries, abstract["params"], where)
   return module, {"params": _device(params)}
 

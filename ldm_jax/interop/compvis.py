@@ -3,10 +3,17 @@
 A checkpoint is a Lightning .ckpt (its 'state_dict') or a .safetensors file; the YAML is the
 model config it was trained with (model.target, model.params.first_stage_config, unet_config,
 cond_stage_config, scale_factor, ...). LatentDiffusion checkpoints give the autoencoder, the
-UNet (its EMA weights, model_ema.*, when the checkpoint has them), the class embedder and an
-ldm_jax 'ldm' config; autoencoder checkpoints (AutoencoderKL / VQModel) give the autoencoder.
-Components ldm_jax does not implement (CLIP or BERT text encoders, concat conditioning) are
-reported in `unsupported` and the rest still converts.
+UNet (its EMA weights, model_ema.*, when the checkpoint has them), the conditioning model and
+an ldm_jax 'ldm' config; autoencoder checkpoints (AutoencoderKL / VQModel) give the autoencoder.
+First stages with ddconfig.attn_type 'none' (inpainting_big's: no attention anywhere, mid blocks
+included) convert to autoencoders with model.mid_attention=False.
+
+Conditioning: a ClassEmbedder (cross-attention) converts, and so do the concatenated
+conditions of the paper's task models, onto ldm_jax's concat routes: torch.nn.Identity on
+LR_image -> 'lowres' (bsr_sr), __is_first_stage__ -> 'inpaint' with
+inpaint_convention='compvis' (inpainting_big), SpatialRescaler -> 'segmentation' with its
+channel mapper (semantic_synthesis*). Components ldm_jax does not implement (CLIP or BERT text
+encoders, ...) are reported in `unsupported` and the rest still converts.
 """
 from __future__ import annotations
 
@@ -32,14 +39,17 @@ BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumpro
            "logvar", "scale_factor", "lvlb_weights", "model_ema.decay", "model_ema.num_updates")
 # Autoencoder checkpoint entries that are training-only or index bookkeeping.
 AE_IGNORED = ("loss.", "colorize", "quantize.used", "model_ema.decay", "model_ema.num_updates")
+# The YAML setting of each mid-block attention case, for check_mid_attention's messages.
+MID_ATTENTION = {True: "ddconfig.attn_type 'vanilla'", False: "ddconfig.attn_type 'none'"}
 
 
 @dataclasses.dataclass
 class CompVisModel:
   """What a CompVis checkpoint converts to. `autoencoder`, `unet` and `cond` are (module,
-  variables) pairs or None; `config` is the ldm_jax 'ldm' config (None for an autoencoder
-  checkpoint, or when a component it needs is unsupported); `unsupported` maps components
-  that did not convert to the reason."""
+  variables) pairs or None (`cond`: a ClassEmbedder, or a SpatialRescaler with a channel
+  mapper; None when the condition has no weights); `config` is the ldm_jax 'ldm' config (None
+  for an autoencoder checkpoint, or when a component it needs is unsupported); `unsupported`
+  maps components that did not convert to the reason."""
   autoencoder: tuple | None
   unet: tuple | None
   cond: tuple | None
@@ -95,10 +105,12 @@ def autoencoder_config_from_yaml(first: dict, where: str):
   p = first.get("params", {})
   dd = p.get("ddconfig", {})
   attn_type = dd.get("attn_type", "linear" if dd.get("use_linear_attn") else "vanilla")
-  if attn_type not in ("vanilla", "vanilla-xformers"):   # the same softmax attention
+  # 'vanilla-xformers' is the same softmax attention; 'none' makes every attention (mid blocks
+  # and attn_resolutions levels alike) an Identity.
+  if attn_type not in ("vanilla", "vanilla-xformers", "none"):
     raise UnsupportedError(f"{where}: first stage ddconfig.attn_type '{attn_type}' is not "
-                           f"supported (ldm_jax's autoencoder has softmax attention in its mid "
-                           f"blocks)")
+                           f"supported (ldm_jax's autoencoder has 'vanilla' softmax attention "
+                           f"or 'none')")
   for key, ok in (("resamp_with_conv", True), ("tanh_out", False), ("give_pre_end", False),
                   ("double_z", kind == "kl")):
     if dd.get(key, ok) != ok:
@@ -110,13 +122,13 @@ def autoencoder_config_from_yaml(first: dict, where: str):
                            f"channels)")
   resolution = int(dd.get("resolution", 256))
   ch_mult = tuple(dd.get("ch_mult", (1, 2, 4, 4)))
-  attn = set(dd.get("attn_resolutions", ()))
+  attn = set(dd.get("attn_resolutions", ())) if attn_type != "none" else set()
   levels = [i for i in range(len(ch_mult)) if resolution // 2 ** i in attn]
   return build.autoencoder_config(
       kind=kind, ch=dd.get("ch", 128), ch_mult=ch_mult, num_res_blocks=dd.get("num_res_blocks", 2),
       attn_levels=levels, z_channels=dd["z_channels"], embed_dim=p["embed_dim"],
       image_size=resolution, channels=dd.get("out_ch", 3), n_embed=p.get("n_embed", 0),
-      source=where)
+      mid_attention=attn_type != "none", source=where)
 
 
 def _uniform(value, key: str, where: str):
@@ -155,11 +167,15 @@ def unet_fields_from_yaml(unet: dict, where: str):
   spatial = bool(u.get("use_spatial_transformer", False))
   context = u.get("context_dim")
   context = _uniform(context, "context_dim", where) if context is not None else None
+  mult = tuple(int(m) for m in u.get("channel_mult", (1, 2, 4, 8)))
+  # openaimodel attends at the levels whose downsample factor is listed; entries no level has
+  # (bsr_sr's 16, semantic_synthesis' 32 and 16) never match, so they are dropped.
+  attention = tuple(int(r) for r in u["attention_resolutions"] if int(r) in
+                    {2 ** level for level in range(len(mult))})
   fields = dict(in_channels=int(u["in_channels"]), out_channels=int(u["out_channels"]),
-                model_channels=int(u["model_channels"]),
-                channel_mult=tuple(int(m) for m in u.get("channel_mult", (1, 2, 4, 8))),
+                model_channels=int(u["model_channels"]), channel_mult=mult,
                 num_res_blocks=int(_uniform(u["num_res_blocks"], "num_res_blocks", where)),
-                attention_resolutions=tuple(int(r) for r in u["attention_resolutions"]),
+                attention_resolutions=attention,
                 conv_resample=bool(u.get("conv_resample", True)),
                 num_classes=int(num_classes or 0),
                 use_scale_shift_norm=bool(u.get("use_scale_shift_norm", False)),
@@ -210,6 +226,36 @@ def diffusion_from_yaml(params: dict, state: dict, where: str) -> dict:
 
 
 _TEXT = (("CLIP", "CLIP"), ("BERT", "BERT"), ("TransformerEmbedder", "x-transformers"))
+# cond_stage_config targets of concatenated conditions -> ldm_jax's concat route.
+_CONCAT = {"Identity": "lowres", "__is_first_stage__": "inpaint",
+           "SpatialRescaler": "segmentation"}
+
+
+def _concat_fields(cs, short: str, params: dict, where: str) -> dict:
+  """config.cond fields of a concatenated condition (conditioning_key 'concat'). CompVis never
+  drops it in training, so p_uncond is 0."""
+  route = _CONCAT[short]
+  fields = {"type": "concat", "concat": route, "p_uncond": 0.0}
+  if route == "lowres":
+    source = params.get("cond_stage_key", "LR_image")
+    if source != "LR_image":
+      raise UnsupportedError(f"{where}: an Identity condition read from '{source}' is not "
+                             f"supported (ldm_jax concatenates LR_image, super-resolution)")
+    return fields
+  if route == "inpaint":
+    return {**fields, "inpaint_convention": "compvis"}
+  p = cs.get("params", {})
+  out = p.get("out_channels")
+  method, multiplier = p.get("method", "bilinear"), p.get("multiplier", 0.5)
+  if method != "bilinear" or multiplier != 0.5:
+    raise UnsupportedError(f"{where}: SpatialRescaler method={method!r} multiplier={multiplier} "
+                           f"is not supported (ldm_jax's rescaler halves bilinearly)")
+  if out is not None and p.get("bias", False):
+    raise UnsupportedError(f"{where}: SpatialRescaler bias=True is not supported (ldm_jax's "
+                           f"channel mapper has no bias)")
+  return {**fields, "seg_classes": int(p.get("in_channels", 3)),
+          "rescaler_stages": int(p.get("n_stages", 1)), "rescaler_channels": int(out or 0),
+          "rescaler_antialias": False}
 
 
 def cond_from_yaml(params: dict, where: str, class_null: str):
@@ -230,12 +276,14 @@ def cond_from_yaml(params: dict, where: str, class_null: str):
     classes = rows - 1 if class_null == "learned" else rows
     return ({"type": "class", "num_classes": classes, "embed_dim": dim, "null": class_null},
             (classes, dim))
+  if short in _CONCAT and key == "concat":
+    return _concat_fields(cs, short, params, where), None
   text = next((name for tag, name in _TEXT if tag.lower() in short.lower()), None)
   if text:
     why = (f"ldm_jax has no {text} text encoder (its text conditioning is its own jointly "
            f"trained transformer)")
-  elif short == "__is_first_stage__":
-    why = "conditioning on the first stage's own latents (concat) is not implemented"
+  elif short in _CONCAT:
+    why = f"conditioning_key '{key}' is not implemented for it (concat is)"
   elif short == "ClassEmbedder":
     why = f"a class embedder with conditioning_key '{key}' is not implemented"
   else:
@@ -297,6 +345,42 @@ def _class_embedder(state, classes, dim, null, where):
                                         f"{where} class embedder ({COND}*)", COND)
 
 
+def _concat_cond(state, fields: dict, where: str):
+  """(module, variables) of a concat route's conditioning model: a SpatialRescaler with its
+  channel mapper; None for an Identity, a rescaler without mapper, or the first stage (whose
+  cond_stage_model.* copy, when saved, must equal first_stage_model.*)."""
+  part = {k: v for k, v in state.items() if k.startswith(COND)}
+  if fields["concat"] == "inpaint":
+    differ = [k for k, v in part.items() if FIRST + k[len(COND):] not in state or
+              not np.array_equal(np.asarray(v), np.asarray(state[FIRST + k[len(COND):]]))]
+    if differ:
+      raise ConversionError(f"{where}: {len(differ)} {COND}* weight(s) differ from the first "
+                            f"stage's (e.g. {differ[0]}), but __is_first_stage__ conditions on "
+                            f"the first stage itself")
+    return None
+  if fields.get("rescaler_channels"):
+    return build.rescaler_variables(fields["rescaler_stages"], fields["seg_classes"],
+                                    fields["rescaler_channels"], part,
+                                    f"{where} SpatialRescaler ({COND}*)", COND)
+  if part:
+    raise ConversionError(f"{where}: unexpected {len(part)} {COND}* weight(s) (e.g. "
+                          f"{sorted(part)[0]}) for a '{fields['concat']}' condition that has "
+                          f"none in its config")
+  return None
+
+
+def _concat_channels(fields: dict, ae_config) -> int:
+  """Input channels a concat route adds to the UNet's (as ldm_jax's Conditioner builds it)."""
+  route = fields.get("concat") if fields.get("type") == "concat" else None
+  if route == "lowres":
+    return int(ae_config.data.channels)
+  if route == "inpaint":
+    return int(ae_config.model.embed_dim) + 1
+  if route == "segmentation":
+    return fields["rescaler_channels"] or fields["seg_classes"]
+  return 0
+
+
 def _where(ckpt_path: str) -> str:
   return f"CompVis checkpoint '{os.path.basename(ckpt_path)}'"
 
@@ -339,7 +423,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
     ae_config = autoencoder_config_from_yaml(params["first_stage_config"], where)
     part = {k[len(FIRST):]: v for k, v in state.items() if k.startswith(FIRST)}
     parts["autoencoder"] = build.autoencoder_variables(
-        ae_config, part, names.COMPVIS, f"{where} first stage ({FIRST}*)", ignore=AE_IGNORED)
+        ae_config, part, names.COMPVIS, f"{where} first stage ({FIRST}*)", ignore=AE_IGNORED,
+        mid_attention_settings=MID_ATTENTION)
   except UnsupportedError as e:
     unsupported["autoencoder"] = str(e)
   try:
@@ -353,6 +438,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
     cond_fields, embedder = cond_from_yaml(params, where, class_null)
     if embedder:
       parts["cond"] = _class_embedder(state, *embedder, class_null, where)
+    elif cond_fields["type"] == "concat":
+      parts["cond"] = _concat_cond(state, cond_fields, where)
   except UnsupportedError as e:
     unsupported["cond"] = str(e)
   if not any(parts.values()):
@@ -373,10 +460,21 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
 def _ldm_config(params, state, fields, context, ae_config, cond_fields, embedder, scale, where,
                 ckpt_path):
   latent = ae_config.model.embed_dim
-  if fields["in_channels"] != latent or fields["out_channels"] != latent:
+  concat = _concat_channels(cond_fields, ae_config)
+  if fields["out_channels"] != latent or (fields["in_channels"] != latent and not concat):
     raise UnsupportedError(f"{where}: the UNet maps {fields['in_channels']} to "
                            f"{fields['out_channels']} channels but the first stage's latents "
-                           f"have {latent} (concat conditioning is not supported)")
+                           f"have {latent} and the conditioning concatenates nothing")
+  if fields["in_channels"] != latent + concat:
+    raise ConversionError(f"{where}: the UNet takes {fields['in_channels']} input channels, but "
+                          f"the first stage's {latent} latent channels + {concat} of the "
+                          f"'{cond_fields['concat']}' condition make {latent + concat}; is this "
+                          f"the YAML the checkpoint was trained with?")
+  f = 2 ** (len(ae_config.model.ch_mult) - 1)
+  stages = cond_fields.get("rescaler_stages", 0)
+  if concat and cond_fields["concat"] == "segmentation" and 2 ** stages != f:
+    raise ConversionError(f"{where}: the SpatialRescaler's n_stages={stages} halvings do not "
+                          f"take the map to the first stage's latent grid (f={f})")
   if embedder and context != embedder[1]:
     raise ConversionError(f"{where}: the class embedder's width {embedder[1]} differs from the "
                           f"UNet's context_dim {context}")
@@ -394,6 +492,7 @@ def _ldm_config(params, state, fields, context, ae_config, cond_fields, embedder
 def _autoencoder_only(state, model, use_ema, where):
   """An autoencoder training checkpoint (its loss.* weights are dropped)."""
   ae_config = autoencoder_config_from_yaml(model, where)
+  build.check_mid_attention(ae_config, state, names.COMPVIS, where, MID_ATTENTION)
   notes = []
   if use_ema and _ema_keys(state):
     entries = build.autoencoder_map(ae_config, names.COMPVIS)
@@ -401,7 +500,8 @@ def _autoencoder_only(state, model, use_ema, where):
     state = {k: v for k, v in state.items() if not k.startswith(EMA)}
     notes.append("autoencoder: EMA weights (model_ema.*)")
   module, variables = build.autoencoder_variables(ae_config, state, names.COMPVIS, where,
-                                                  ignore=AE_IGNORED)
+                                                  ignore=AE_IGNORED,
+                                                  mid_attention_settings=MID_ATTENTION)
   return module, variables, ae_config, notes
 
 
@@ -418,7 +518,8 @@ def load_compvis_autoencoder(ckpt_path: str, yaml_path: str, *, use_ema: bool = 
   ae_config = autoencoder_config_from_yaml(model["params"]["first_stage_config"], where)
   part = {k[len(FIRST):]: v for k, v in state.items() if k.startswith(FIRST)}
   return build.autoencoder_variables(ae_config, part, names.COMPVIS,
-                                     f"{where} first stage ({FIRST}*)", ignore=AE_IGNORED)
+                                     f"{where} first stage ({FIRST}*)", ignore=AE_IGNORED,
+                                     mid_attention_settings=MID_ATTENTION)
 
 
 def load_compvis_unet(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
@@ -436,13 +537,18 @@ def load_compvis_unet(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
 
 def load_compvis_cond(ckpt_path: str, yaml_path: str, *, class_null: str = "learned",
                       state: dict | None = None):
-  """(module, variables) of the conditioning model (a ClassEmbedder) of a CompVis LDM."""
+  """(module, variables) of the conditioning model of a CompVis LDM: a ClassEmbedder, or a
+  SpatialRescaler with a channel mapper."""
   where = _where(ckpt_path)
   model = read_yaml(yaml_path)
   if model_kind(model, where) != "ldm":
     raise ConversionError(f"{where}: '{yaml_path}' configures an autoencoder, not an LDM")
-  _, embedder = cond_from_yaml(model["params"], where, class_null)
-  if embedder is None:
-    raise ConversionError(f"{where}: the model is unconditional (no conditioning model)")
+  fields, embedder = cond_from_yaml(model["params"], where, class_null)
   state = read_state_dict(ckpt_path) if state is None else state
-  return _class_embedder(state, *embedder, class_null, where)
+  if embedder:
+    return _class_embedder(state, *embedder, class_null, where)
+  cond = _concat_cond(state, fields, where) if fields["type"] == "concat" else None
+  if cond is None:
+    route = fields.get("concat", fields["type"])
+    raise ConversionError(f"{where}: the model's conditioning ('{route}') has no weights")
+  return cond

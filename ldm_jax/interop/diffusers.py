@@ -95,13 +95,14 @@ def _mults(block_out_channels, where: str) -> tuple[int, tuple[int, ...]]:
 # ---------------------------------------------------------------------------------------------
 _VAE_CHECKS = {
     "act_fn": ("silu", ("silu",), "ldm_jax's autoencoder uses SiLU"),
-    "mid_block_add_attention": (True, (True,), "ldm_jax's autoencoder always has a mid-block "
-                                "attention"),
+    "mid_block_add_attention": (True, (True, False), "expected true or false"),
     "use_quant_conv": (True, (True,), "ldm_jax's autoencoder always has quant_conv"),
     "use_post_quant_conv": (True, (True,), "ldm_jax's autoencoder always has post_quant_conv"),
     "norm_type": ("group", ("group",), "spatial norms (MoVQ) are not implemented"),
     "shift_factor": (None, (None, 0, 0.0), "ldm_jax scales latents without a shift"),
 }
+# The config setting of each mid-block attention case, for check_mid_attention's messages.
+_MID_ATTENTION = {True: "mid_block_add_attention=true", False: "mid_block_add_attention=false"}
 _DOWN_VAE = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}
 _UP_VAE = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
 
@@ -137,7 +138,8 @@ def autoencoder_config_from_diffusers(config: dict, where: str, kind: str):
       kind=kind, ch=ch, ch_mult=mults, num_res_blocks=config.get("layers_per_block", 1),
       attn_levels=attn, z_channels=z, embed_dim=embed, image_size=size,
       channels=config.get("out_channels", 3), n_embed=config.get("num_vq_embeddings", 256),
-      norm_groups=config.get("norm_num_groups", 32), source=where)
+      norm_groups=config.get("norm_num_groups", 32),
+      mid_attention=config.get("mid_block_add_attention", True), source=where)
 
 
 def _vae_kind(config: dict, state: dict | None, where: str) -> str:
@@ -159,7 +161,8 @@ def load_diffusers_vae_with_config(path: str):
   for old, new in _VAE_ALIASES.items():
     state = {k.replace(old, new) if ".attentions." in k else k: v for k, v in state.items()}
   ae_config = autoencoder_config_from_diffusers(config, where, _vae_kind(config, state, where))
-  module, variables = build.autoencoder_variables(ae_config, state, names.DIFFUSERS, where)
+  module, variables = build.autoencoder_variables(ae_config, state, names.DIFFUSERS, where,
+                                                  mid_attention_settings=_MID_ATTENTION)
   return module, variables, ae_config, float(config.get("scaling_factor", 0.18215))
 
 
@@ -326,7 +329,7 @@ def diffusers_vae_config(module, scaling_factor: float = 0.18215) -> dict:
       "layers_per_block": module.num_res_blocks, "act_fn": "silu",
       "latent_channels": module.z_channels, "norm_num_groups": module.norm_groups,
       "sample_size": module.resolution, "scaling_factor": float(scaling_factor),
-      "mid_block_add_attention": True, "force_upcast": False,
+      "mid_block_add_attention": bool(module.mid_attention), "force_upcast": False,
   }
   if vq:
     config.update({"num_vq_embeddings": module.n_embed, "vq_embed_dim": module.embed_dim,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from ldm_jax.checkpoint import save_inference
 from ldm_jax.interop.weights import UnsupportedError
+from ldm_jax.models.conditioning import ClassEmbedder
 
 
 def export_ldm(out: str, model, dtype: str = "float32") -> str:
@@ -22,7 +23,10 @@ def export_ldm(out: str, model, dtype: str = "float32") -> str:
     raise UnsupportedError(f"{model.source}: no LDM export ({why})")
   config = copy.deepcopy(model.config)
   config.first_stage.checkpoint = os.path.abspath(out)   # the export holds its autoencoder
-  cond = {"class": model.cond[1]["params"]} if model.cond else {}
+  cond = {}
+  if model.cond:   # the Conditioner's names: 'class' (ClassEmbedder), 'rescaler'
+    name = "class" if isinstance(model.cond[0], ClassEmbedder) else "rescaler"
+    cond = {name: model.cond[1]["params"]}
   cast = (lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x) \
       if dtype == "bfloat16" else (lambda x: x)
   variables = jax.tree_util.tree_map(cast, {

@@ -23,6 +23,7 @@ LAYOUTS = (COMPVIS, DIFFUSERS)
 # kind -> ((Flax leaf, torch suffix), ...). An empty leaf/suffix means the entry IS the array.
 LEAVES = {
     "conv": (("kernel", "weight"), ("bias", "bias")),          # nn.Conv   <-> Conv2d
+    "conv_nobias": (("kernel", "weight"),),                    # nn.Conv   <-> Conv2d(bias=False)
     "dense": (("kernel", "weight"), ("bias", "bias")),         # nn.Dense  <-> Linear
     "dense_nobias": (("kernel", "weight"),),                   # nn.Dense  <-> Linear(bias=False)
     "conv_linear": (("kernel", "weight"), ("bias", "bias")),   # 1x1 nn.Conv <-> Linear
@@ -99,7 +100,8 @@ def modules(params) -> dict[tuple[str, ...], dict[str, tuple]]:
 
 
 def layer_kind(leaves: Mapping[str, tuple]) -> str:
-  """The kind a layer's leaves show: norm, embed, conv (4-d kernel), dense, dense_nobias."""
+  """The kind a layer's leaves show: norm, embed, conv / conv_nobias (4-d kernel), dense,
+  dense_nobias."""
   names = set(leaves)
   if names == {"scale", "bias"}:
     return "norm"
@@ -107,7 +109,7 @@ def layer_kind(leaves: Mapping[str, tuple]) -> str:
     return "embed"
   if "kernel" in names and names <= {"kernel", "bias"}:
     if len(leaves["kernel"]) == 4:
-      return "conv"
+      return "conv" if "bias" in names else "conv_nobias"
     return "dense" if "bias" in names else "dense_nobias"
   raise ValueError(f"no layer kind has the parameters {sorted(names)}")
 
@@ -173,11 +175,12 @@ def derive(params, layout: str, *, blocks: Sequence[Rule],
 # ---------------------------------------------------------------------------------------------
 # Autoencoder (AutoencoderKL / VQModel): blocks are encoder/<name>, decoder/<name> or <name>
 # ---------------------------------------------------------------------------------------------
+_AE_MID_ATTENTION = Rule(r"attn:(?P<p>encoder|decoder)/mid_attn_1", "{p}.mid.attn_1",
+                         "{p}.mid_block.attentions.0")
 _AE_BLOCKS = (
     Rule(r"resnet:(?P<p>encoder|decoder)/mid_block_(?P<k>[12])", "{p}.mid.block_{k}",
          "{p}.mid_block.resnets.{k0}"),
-    Rule(r"attn:(?P<p>encoder|decoder)/mid_attn_1", "{p}.mid.attn_1",
-         "{p}.mid_block.attentions.0"),
+    _AE_MID_ATTENTION,
     Rule(r"resnet:encoder/down_(?P<i>\d+)_block_(?P<j>\d+)", "encoder.down.{i}.block.{j}",
          "encoder.down_blocks.{i}.resnets.{j}"),
     Rule(r"attn:encoder/down_(?P<i>\d+)_attn_(?P<j>\d+)", "encoder.down.{i}.attn.{j}",
@@ -221,6 +224,13 @@ def autoencoder_entries(params, layout: str) -> list[Entry]:
 
   return derive(params, layout, blocks=_AE_BLOCKS, inner=_AE_INNER, facts=facts,
                 block_depth=lambda path: 2 if path[0] in ("encoder", "decoder") else 1)
+
+
+def autoencoder_mid_attention(layout: str) -> tuple[str, str]:
+  """The torch module names of the encoder's and the decoder's mid-block attention (which
+  autoencoders with mid_attention=False lack)."""
+  _check_layout(layout)
+  return tuple(_AE_MID_ATTENTION.name(layout).format(p=p) for p in ("encoder", "decoder"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +320,12 @@ def class_embedder_entries(params) -> list[Entry]:
   """ClassEmbedder's table (CompVis cond_stage_model.embedding)."""
   return derive(params, COMPVIS, blocks=(same("embed:embedding", "embedding"),), inner={},
                 block_depth=lambda path: 1)
+
+
+def rescaler_entries(params) -> list[Entry]:
+  """SpatialRescaler's bias-free 1x1 conv (CompVis cond_stage_model.channel_mapper)."""
+  return derive(params, COMPVIS, blocks=(same("conv_nobias:channel_mapper", "channel_mapper"),),
+                inner={}, block_depth=lambda path: 1)
 
 
 def prefixed(entries: list[Entry], prefix: str) -> list[Entry]:

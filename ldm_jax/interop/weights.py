@@ -40,7 +40,7 @@ def to_flax(entry: Entry, leaf: str, w: np.ndarray) -> np.ndarray:
       return _new_to_legacy_qkv(w, entry.heads)
     return w
   kind = entry.kind
-  if kind == "conv":
+  if kind in ("conv", "conv_nobias"):
     return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w
   if kind in ("dense", "dense_nobias"):
     return w.T if w.ndim == 2 else w
@@ -62,7 +62,7 @@ def to_torch(entry: Entry, leaf: str, a: np.ndarray) -> np.ndarray:
   if leaf in ("bias", "scale", "embedding", ""):
     return a
   kind = entry.kind
-  if kind == "conv":
+  if kind in ("conv", "conv_nobias"):
     return a.transpose(3, 2, 0, 1)
   if kind in ("dense", "dense_nobias"):
     return a.T

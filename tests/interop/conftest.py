@@ -21,6 +21,20 @@ def outputs_groups8():
 
 
 @pytest.fixture(scope="session")
+def outputs_concat():
+  """Inputs and PyTorch outputs (NHWC) of the concat-conditioned CompVis fixtures (sr, inpaint,
+  semantic): UNet eps on [z | condition], the inpainting condition, the SpatialRescaler."""
+  return load_file(str(FIXTURES / "outputs_concat.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def outputs_noattn():
+  """Inputs and PyTorch outputs (NHWC) of vq_noattn, the autoencoder without attention:
+  encoding, decoding and CompVis' inpainting condition."""
+  return load_file(str(FIXTURES / "outputs_noattn.safetensors"))
+
+
+@pytest.fixture(scope="session")
 def fixture_dir():
   return FIXTURES
 
@@ -31,7 +45,7 @@ def compvis_files(tmp_path_factory):
   non-EMA UNet weights are perturbed: only its EMA copy (model_ema.*) reproduces the outputs."""
   out = tmp_path_factory.mktemp("compvis")
   files = {}
-  for name in ("cin", "sd", "kl_ae"):
+  for name in ("cin", "sd", "kl_ae", "sr", "inpaint", "semantic", "inpaint_noattn"):
     state = compvis_state(name)
     if name == "cin":
       rng = np.random.default_rng(0)

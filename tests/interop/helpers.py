@@ -11,6 +11,10 @@ from safetensors.numpy import load_file, save_file
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "interop"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Row tables of the CompVis fixtures, and the tensor files their non-folder sources name.
+KEY_FILES = ("compvis_keys.json.gz", "compvis_concat_keys.json.gz",
+             "compvis_noattn_keys.json.gz")
+TENSOR_FILES = {"extras": "compvis_extras.safetensors", "concat": "compvis_concat.safetensors"}
 
 
 def rel_err(got, want) -> float:
@@ -28,14 +32,16 @@ def assert_same_tree(a, b):
 
 
 def compvis_state(name: str) -> dict:
-  """The CompVis-layout state dict `name` ('cin', 'sd', 'kl_ae') as float32 numpy arrays."""
-  with gzip.open(FIXTURES / "compvis_keys.json.gz", "rt") as f:
-    rows = json.load(f)[name]
-  sources = {"extras": load_file(str(FIXTURES / "compvis_extras.safetensors"))}
-  state = {}
-  for key, source, dkey, shape in rows:
+  """The CompVis-layout state dict `name` ('cin', 'sd', 'kl_ae', 'sr', 'inpaint', 'semantic',
+  'inpaint_noattn') as float32 numpy arrays."""
+  tables = {}
+  for file in KEY_FILES:
+    with gzip.open(FIXTURES / file, "rt") as f:
+      tables.update(json.load(f))
+  sources, state = {}, {}
+  for key, source, dkey, shape in tables[name]:
     if source not in sources:
-      sources[source] = load_file(str(FIXTURES / source / WEIGHTS))
+      sources[source] = load_file(str(FIXTURES / TENSOR_FILES.get(source, f"{source}/{WEIGHTS}")))
     value = sources[source][dkey]
     state[key] = value.reshape(shape).astype(np.float32 if value.dtype.kind == "f"
                                              else value.dtype)
@@ -55,4 +61,14 @@ def copy_diffusers(src: pathlib.Path, dst: pathlib.Path, config_edit=None, state
     save_file(state, str(dst / WEIGHTS))
   else:
     shutil.copy(src / WEIGHTS, dst / WEIGHTS)
+  return dst
+
+
+def vq_noattn_folder(dst: pathlib.Path) -> pathlib.Path:
+  """The diffusers folder of vq_noattn (no attention anywhere): its stored config.json and
+  vq/'s weights without the attention tensors (exactly its weights)."""
+  dst.mkdir(parents=True, exist_ok=True)
+  shutil.copy(FIXTURES / "vq_noattn" / "config.json", dst / "config.json")
+  state = load_file(str(FIXTURES / "vq" / WEIGHTS))
+  save_file({k: v for k, v in state.items() if ".attentions." not in k}, str(dst / WEIGHTS))
   return dst

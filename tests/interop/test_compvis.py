@@ -1,6 +1,9 @@
 """CompVis checkpoints: parity with the PyTorch outputs, EMA weights, exports that sample.py
-loads, and a guided DDIM trajectory equal to diffusers' DDIMScheduler's."""
+loads, a guided DDIM trajectory equal to diffusers' DDIMScheduler's, the concat-conditioned
+task models' layouts (super-resolution, inpainting, semantic synthesis) on ldm_jax's routes, and
+first stages without attention (inpainting_big's attn_type 'none')."""
 import dataclasses
+import re
 import sys
 
 import jax
@@ -15,7 +18,9 @@ from ldm_jax.inference import load_pipeline
 from ldm_jax.interop import (ConversionError, UnsupportedError, load_compvis,
                              load_compvis_unet, load_diffusers_unet, load_diffusers_vae,
                              read_state_dict)
+from ldm_jax.interop.compvis import load_compvis_autoencoder, load_compvis_cond
 from ldm_jax.interop.convert import main as convert_main
+from ldm_jax.models.conditioning import SpatialRescaler
 from tests.interop.helpers import assert_same_tree, rel_err
 
 TOL = 1e-5
@@ -147,11 +152,173 @@ def test_yaml_of_another_checkpoint_is_caught(compvis_files, tmp_path):
 
 def test_unsupported_first_stage_is_named(compvis_files, tmp_path):
   ckpt, yaml = compvis_files["kl_ae"]
-  noattn = tmp_path / "noattn.yaml"
-  noattn.write_text(open(yaml, encoding="utf-8").read().replace(
-      "ddconfig:\n", "ddconfig:\n      attn_type: none\n"))
-  with pytest.raises(UnsupportedError, match="attn_type 'none' is not supported"):
-    load_compvis(ckpt, str(noattn))
+  linear = _edited(yaml, tmp_path, "ddconfig:\n", "ddconfig:\n      attn_type: linear\n")
+  with pytest.raises(UnsupportedError, match="attn_type 'linear' is not supported"):
+    load_compvis(ckpt, linear)
+
+
+def test_inpainting_big_layout_converts_completely(compvis_files, outputs_noattn, tmp_path):
+  """inpainting_big's first stage has no attention (ddconfig.attn_type 'none'): it converts to
+  an autoencoder with model.mid_attention=False that encodes and decodes as torch's does, the
+  whole checkpoint converts, and its export builds CompVis' inpainting condition through it."""
+  ckpt, yaml = compvis_files["inpaint_noattn"]
+  o = outputs_noattn
+  model = load_compvis(ckpt, yaml)
+  assert model.unsupported == {} and model.config is not None
+  assert model.autoencoder_config.model.mid_attention is False
+  ae, ae_vars = model.autoencoder
+  assert not ae.mid_attention and ae.attn_resolutions == ()
+  assert not [n for part in ("encoder", "decoder") for n in ae_vars["params"][part] if "attn" in n]
+  h = jax.jit(lambda v, x: ae.apply(v, x, method="encode"))(ae_vars, o["image"])
+  decoded = jax.jit(lambda v, z: ae.apply(v, z, method="decode"))(ae_vars, o["noattn/h"])
+  assert rel_err(h, o["noattn/h"]) < TOL and rel_err(decoded, o["noattn/decoded"]) < TOL
+  export = str(tmp_path / "inpaint")
+  convert_main(["compvis", "--ckpt", ckpt, "--yaml", yaml, "--out", export])
+  pipeline = load_pipeline(export)
+  ldm = pipeline.ldm
+  assert ldm.first.module == ae
+  condition = jax.jit(lambda params, frozen, batch: ldm.conditions(
+      params, batch, frozen["autoencoder"], jnp.zeros((2,), bool), pipeline.scale_factor))(
+          pipeline.params, pipeline.frozen, {"image": o["image"], "mask": o["inpaint/mask"]})
+  assert rel_err(condition["concat"], o["inpaint/concat"]) < 1e-4
+
+
+def test_attn_type_none_has_no_level_attention_either(compvis_files, tmp_path):
+  """CompVis' make_attn makes every attention of an attn_type 'none' coder an Identity, so the
+  levels its attn_resolutions list get none."""
+  ckpt, yaml = compvis_files["inpaint_noattn"]
+  listed = _edited(yaml, tmp_path, "attn_resolutions: []", "attn_resolutions: [8]")
+  module, _ = load_compvis_autoencoder(ckpt, listed)
+  assert module.attn_resolutions == () and not module.mid_attention
+
+
+def test_mid_attention_that_does_not_fit_the_checkpoint_is_one_line(compvis_files, tmp_path):
+  ckpt, yaml = compvis_files["kl_ae"]          # with encoder/decoder.mid.attn_1.* weights
+  none = _edited(yaml, tmp_path, "ddconfig:\n", "ddconfig:\n      attn_type: none\n")
+  with pytest.raises(ConversionError, match=r"^CompVis checkpoint 'kl_ae.safetensors': "
+                     r"ddconfig.attn_type 'none' means no mid-block attention, but the checkpoint "
+                     r"has its 20 weights \(e\.g\. decoder\.mid\.attn_1\.k\.bias\); set "
+                     r"ddconfig.attn_type 'vanilla', or use the config") as e:
+    load_compvis(ckpt, none)
+  assert "\n" not in str(e.value)
+  ckpt, yaml = compvis_files["inpaint_noattn"]  # without them
+  vanilla = _edited(yaml, tmp_path, "attn_type: none", "attn_type: vanilla")
+  with pytest.raises(ConversionError, match=r"^CompVis checkpoint 'inpaint_noattn.safetensors' "
+                     r"first stage \(first_stage_model\.\*\): ddconfig.attn_type 'vanilla' means "
+                     r"a mid-block attention, but the checkpoint has none of its weights \(no "
+                     r"encoder\.mid\.attn_1\.\*, decoder\.mid\.attn_1\.\*\); set "
+                     r"ddconfig.attn_type 'none'") as e:
+    load_compvis(ckpt, vanilla)
+  assert "\n" not in str(e.value)
+
+
+# name -> (config.cond fields, UNet in_channels, the batch the conditioner reads, torch's
+# condition): the layouts of bsr_sr, inpainting_big and semantic_synthesis256 at fixture size.
+TASKS = {
+    "sr": ({"concat": "lowres"}, 7, lambda o: {"lowres": o["sr/lowres"]}, "sr/lowres"),
+    "inpaint": ({"concat": "inpaint", "inpaint_convention": "compvis"}, 9,
+                lambda o: {"image": o["inpaint/image"], "mask": o["inpaint/mask"]},
+                "inpaint/concat"),
+    "semantic": ({"concat": "segmentation", "seg_classes": 5, "rescaler_stages": 1,
+                  "rescaler_channels": 3, "rescaler_antialias": False}, 7,
+                 lambda o: {"segmentation": o["semantic/map"]}, "semantic/concat"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_concat_task_layouts_convert_onto_the_concat_routes(name, compvis_files, outputs_concat,
+                                                            tmp_path):
+  """The converted UNet on torch's [z | condition] gives torch's eps; the export loads as a
+  Pipeline whose conditioner builds torch's condition from the raw inputs (CompVis' inpaint
+  script's mask and fill values, the rescaler's halving and channel mapper) and whose model
+  then gives torch's eps."""
+  ckpt, yaml = compvis_files[name]
+  fields, in_channels, batch, condition = TASKS[name]
+  o = outputs_concat
+  model = load_compvis(ckpt, yaml)
+  assert model.unsupported == {} and model.num_classes == 0
+  c = model.config
+  assert (c.cond.type, c.cond.p_uncond, c.data.image_size) == ("concat", 0.0, 16)
+  assert {k: c.cond[k] for k in fields} == fields
+  # (sr lists attention at factor 4 too, which its 2 levels lack: bsr_sr lists 16 for 4 levels)
+  assert tuple(c.unet.attention_resolutions) == (2,)
+  unet, unet_vars = model.unet
+  assert unet.in_channels == in_channels and not unet.use_spatial_transformer
+  x = jnp.concatenate([o["concat/z"], o[condition]], axis=-1)
+  eps = jax.jit(lambda v, x, t: unet.apply(v, x, t))(unet_vars, x, o["concat/t"])
+  assert rel_err(eps, o[f"{name}/eps"]) < TOL
+  export = str(tmp_path / name)
+  convert_main(["compvis", "--ckpt", ckpt, "--yaml", yaml, "--out", export])
+  pipeline = load_pipeline(export)
+  assert set(pipeline.params["cond"]) == ({"rescaler"} if name == "semantic" else set())
+  ldm = pipeline.ldm
+
+  @jax.jit
+  def conditioned_eps(params, frozen, batch):
+    cond = ldm.conditions(params, batch, frozen["autoencoder"], jnp.zeros((2,), bool),
+                          pipeline.scale_factor)
+    return cond["concat"], ldm.model_fn(params)(o["concat/z"], o["concat/t"], cond)
+
+  concat, eps = conditioned_eps(pipeline.params, pipeline.frozen, batch(o))
+  assert rel_err(concat, o[condition]) < 1e-4
+  assert rel_err(eps, o[f"{name}/eps"]) < 1e-4
+
+
+def test_spatial_rescaler_matches_torch_interpolate(compvis_files, outputs_concat):
+  """semantic_synthesis' SpatialRescaler: F.interpolate(bilinear, x0.5) per stage, then the
+  channel mapper; jax.image.resize's antialiasing (old segmentation configs) is another map."""
+  ckpt, yaml = compvis_files["semantic"]
+  module, variables = load_compvis_cond(ckpt, yaml)
+  assert isinstance(module, SpatialRescaler) and not module.antialias
+  assert variables["params"]["channel_mapper"]["kernel"].shape == (1, 1, 5, 3)
+  onehot = jax.nn.one_hot(outputs_concat["semantic/map"], 5)
+  for stages, want in ((1, "semantic/concat"), (2, "semantic/rescaled_2_stages")):
+    rescaler = module.clone(n_stages=stages)
+    assert rel_err(rescaler.apply(variables, onehot), outputs_concat[want]) < TOL
+  antialiased = module.clone(n_stages=2, antialias=True).apply(variables, onehot)
+  assert rel_err(antialiased, outputs_concat["semantic/rescaled_2_stages"]) > 0.05
+
+
+def _edited(yaml, tmp_path, old, new):
+  text = open(yaml, encoding="utf-8").read()
+  assert old in text
+  path = tmp_path / "edited.yaml"
+  path.write_text(text.replace(old, new))
+  return str(path)
+
+
+def test_a_unet_that_does_not_fit_the_concat_condition_is_one_line(compvis_files, tmp_path):
+  ckpt, yaml = compvis_files["sr"]
+  inpaint = _edited(yaml, tmp_path, "cond_stage_config:\n      target: torch.nn.Identity",
+                    "cond_stage_config: __is_first_stage__")
+  with pytest.raises(ConversionError, match=r"^CompVis checkpoint 'sr.safetensors': the UNet "
+                     r"takes 7 input channels, but the first stage's 4 latent channels \+ 5 of "
+                     r"the 'inpaint' condition make 9; is this the YAML") as e:
+    load_compvis(ckpt, inpaint)
+  assert "\n" not in str(e.value)
+  ckpt, yaml = compvis_files["semantic"]
+  with pytest.raises(ConversionError, match=r"SpatialRescaler's n_stages=2 halvings do not take "
+                     r"the map to the first stage's latent grid \(f=2\)"):
+    load_compvis(ckpt, _edited(yaml, tmp_path, "n_stages: 1", "n_stages: 2"))
+
+
+@pytest.mark.parametrize("name,old,new,message", [
+    ("semantic", "n_stages: 1", "n_stages: 1\n        method: bicubic",
+     r"SpatialRescaler method='bicubic' multiplier=0.5 is not supported"),
+    ("semantic", "n_stages: 1", "n_stages: 1\n        bias: true",
+     r"SpatialRescaler bias=True is not supported"),
+    ("semantic", "concat_mode: true", "conditioning_key: crossattn",
+     r"cond_stage_model \(SpatialRescaler\) is not supported: conditioning_key 'crossattn'"),
+    ("sr", "cond_stage_key: LR_image", "cond_stage_key: caption",
+     r"an Identity condition read from 'caption' is not supported"),
+])
+def test_unsupported_concat_variants_are_named(compvis_files, tmp_path, name, old, new, message):
+  """The autoencoder and the UNet still convert; the conditioning is named with the reason."""
+  ckpt, yaml = compvis_files[name]
+  model = load_compvis(ckpt, _edited(yaml, tmp_path, old, new))
+  assert set(model.unsupported) == {"cond"} and model.config is None
+  assert model.unet is not None and model.autoencoder is not None
+  assert re.search(message, model.unsupported["cond"]), model.unsupported["cond"]
 
 
 def _group_norm(x, scale, bias, groups=32, eps=1e-5):

@@ -12,7 +12,7 @@ from ldm_jax.interop import (load_diffusers_unet, load_diffusers_vae, save_diffu
 from ldm_jax.interop.diffusers import WEIGHTS
 from ldm_jax.models.autoencoder import AutoencoderKL, VQModel
 from ldm_jax.models.unet import UNet
-from tests.interop.helpers import assert_same_tree, rel_err
+from tests.interop.helpers import assert_same_tree, rel_err, vq_noattn_folder
 
 TOL = 1e-5
 
@@ -54,6 +54,26 @@ def test_unet_matches_diffusers(fixture_dir, outputs, name):
   eps = jax.jit(lambda v, x, t, c, y: module.apply(v, x, t, c, y))(
       variables, outputs["unet/x"], outputs["unet/t"], outputs["unet/context"], labels)
   assert rel_err(eps, outputs[f"{name}/eps"]) < TOL
+
+
+def test_vq_model_without_attention_matches_diffusers(outputs_noattn, tmp_path):
+  """mid_block_add_attention=False becomes model.mid_attention=False (and back, bit for bit)."""
+  o = outputs_noattn
+  folder = vq_noattn_folder(tmp_path / "vq_noattn")
+  module, variables = load_diffusers_vae(str(folder))
+  assert isinstance(module, VQModel) and not module.mid_attention and module.attn_resolutions == ()
+  assert "mid_attn_1" not in variables["params"]["encoder"]
+  h = jax.jit(lambda v, x: module.apply(v, x, method="encode"))(variables, o["image"])
+  decoded = jax.jit(lambda v, z: module.apply(v, z, method="decode"))(variables, o["noattn/h"])
+  assert rel_err(h, o["noattn/h"]) < TOL and rel_err(decoded, o["noattn/decoded"]) < TOL
+  save_diffusers_vae(str(tmp_path / "out"), module, variables, scaling_factor=0.75,
+                     dtype="float16")
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert config["mid_block_add_attention"] is False
+  original, written = load_file(str(folder / WEIGHTS)), load_file(str(tmp_path / "out" / WEIGHTS))
+  assert sorted(original) == sorted(written)
+  for key, value in original.items():
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
 
 
 def test_groupnorm8_autoencoder_matches_diffusers(fixture_dir, outputs_groups8):
@@ -107,14 +127,20 @@ def _random_params(abstract, seed):
   return jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), abstract)
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
-def test_ldm_jax_autoencoder_round_trips_exactly(tmp_path, kind):
+@pytest.mark.parametrize("kind,mid_attention", [("kl", True), ("vq", True), ("kl", False)])
+def test_ldm_jax_autoencoder_round_trips_exactly(tmp_path, kind, mid_attention):
+  """Written and read back unchanged; mid_attention=False writes mid_block_add_attention=false
+  and no mid-block attention weights."""
   kw = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4,
-            embed_dim=4, resolution=16)
+            embed_dim=4, resolution=16, mid_attention=mid_attention)
   module = AutoencoderKL(**kw) if kind == "kl" else VQModel(n_embed=8, **kw)
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3))))
   variables = {"params": _random_params(abstract["params"], 0)}
   save_diffusers_vae(str(tmp_path), module, variables)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["mid_block_add_attention"] is mid_attention
+  mid = [k for k in load_file(str(tmp_path / WEIGHTS)) if ".mid_block.attentions." in k]
+  assert len(mid) == (20 if mid_attention else 0)
   loaded, again = load_diffusers_vae(str(tmp_path))
   assert loaded == module
   assert_same_tree(again["params"], variables["params"])

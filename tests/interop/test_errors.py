@@ -4,7 +4,7 @@ import pytest
 
 from ldm_jax.interop import (ConversionError, UnsupportedError, load_compvis,
                              load_diffusers_unet, load_diffusers_vae)
-from tests.interop.helpers import copy_diffusers
+from tests.interop.helpers import copy_diffusers, vq_noattn_folder
 
 
 def test_missing_weight_is_named(fixture_dir, tmp_path):
@@ -53,7 +53,7 @@ def test_unsupported_unet_settings_are_named(fixture_dir, tmp_path, field, value
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("mid_block_add_attention", False, "mid_block_add_attention=False is not supported"),
+    ("mid_block_add_attention", "no", "mid_block_add_attention='no' is not supported"),
     ("up_block_types", ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"], "is not mirrored"),
     ("norm_num_groups", 12, r"divisible by model.norm_groups \(12\)"),
 ])
@@ -62,6 +62,28 @@ def test_unsupported_vae_settings_are_named(fixture_dir, tmp_path, field, value,
     config[field] = value
   path = copy_diffusers(fixture_dir / "vae_kl", tmp_path, config_edit=edit)
   with pytest.raises(UnsupportedError, match=match):
+    load_diffusers_vae(str(path))
+
+
+def test_mid_attention_setting_that_does_not_fit_the_weights_is_one_line(fixture_dir, tmp_path):
+  def off(config):
+    config["mid_block_add_attention"] = False
+  path = copy_diffusers(fixture_dir / "vae_kl", tmp_path / "off", config_edit=off)
+  with pytest.raises(ConversionError, match=r"mid_block_add_attention=false means no mid-block "
+                     r"attention, but the checkpoint has its 20 weights \(e\.g\. "
+                     r"decoder\.mid_block\.attentions\.0\.group_norm\.bias\); set "
+                     r"mid_block_add_attention=true, or use the config") as e:
+    load_diffusers_vae(str(path))
+  assert "\n" not in str(e.value)
+
+  def on(config):
+    config["mid_block_add_attention"] = True
+  path = copy_diffusers(vq_noattn_folder(tmp_path / "noattn"), tmp_path / "on", config_edit=on)
+  with pytest.raises(ConversionError, match=r"mid_block_add_attention=true means a mid-block "
+                     r"attention, but the checkpoint has none of its weights \(no "
+                     r"encoder\.mid_block\.attentions\.0\.\*, "
+                     r"decoder\.mid_block\.attentions\.0\.\*\); set "
+                     r"mid_block_add_attention=false"):
     load_diffusers_vae(str(path))
 
 
