@@ -9,12 +9,15 @@
   python sample.py --checkpoint=runs/ldm_sr_cifar --out=up --task=upscale --inputs=photos/
   python sample.py --checkpoint=runs/ldm_inpaint --out=filled --task=inpaint --inputs=imgs/ \
       --masks=masks/
+  python sample.py --checkpoint=runs/ldm_semantic --out=scenes --task=semantic --inputs=maps/
+  python sample.py --checkpoint=runs/ldm_layout --out=canvases --task=layout --inputs=layouts/
 
 --task picks the mode: generate (unconditional, per class, per prompt), upscale (a
 super-resolution model on a folder of images of any size), inpaint (images + white-is-fill mask
-PNGs; an inpainting model, or mask-blend sampling with any unconditional or class model).
-generate writes <out>/images/NNNNNN.png, <out>/samples.npz and <out>/grid.png; upscale and
-inpaint write <out>/images/<input's relative path>.png. Rerunning the same command
+PNGs; an inpainting model, or mask-blend sampling with any unconditional or class model),
+semantic (a folder of label-map PNGs, any size), layout (a folder of .json box files).
+generate writes <out>/images/NNNNNN.png, <out>/samples.npz and <out>/grid.png; the file tasks
+write <out>/images/<input's relative path>.png. Rerunning the same command
 resumes an interrupted job: only missing samples are generated, and they are the same pixels.
 --batch_size, --dtype and --attention default to what runs fastest on the devices found (see
 --help). The devices compute the next batch while a background thread writes the last one.
@@ -33,13 +36,18 @@ from ldm_jax import cli  # noqa: E402
 from ldm_jax.errors import JobError  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "A stage-2 training workdir or an inference export.")
-flags.DEFINE_enum("task", "generate", ["generate", "upscale", "inpaint"],
+flags.DEFINE_enum("task", "generate", ["generate", "upscale", "inpaint", "semantic", "layout"],
                   "generate: samples from noise (--num_samples, --per_class, --prompts); "
                   "upscale: a super-resolution model upscales every image of --inputs (any "
                   "size; --tile bounds memory); inpaint: fills the white region of each "
-                  "--masks PNG in its --inputs image (one --classes value for class models).")
-flags.DEFINE_string("inputs", None, "upscale/inpaint: folder of input images (nested folders "
-                    "too); outputs keep their relative paths.")
+                  "--masks PNG in its --inputs image (one --classes value for class models); "
+                  "semantic: a semantic-synthesis model renders every label-map PNG of --inputs "
+                  "(one class index per pixel, any size); layout: a layout-to-image model "
+                  "renders every box file of --inputs ({\"boxes\": [{\"class\": c, \"box\": "
+                  "[x0, y0, x1, y1]}]} in pixels of an --image_size canvas).")
+flags.DEFINE_string("inputs", None, "upscale/inpaint/semantic/layout: folder of input images, "
+                    "label maps or box files (nested folders too); outputs keep their relative "
+                    "paths.")
 flags.DEFINE_string("masks", None, "inpaint: folder of mask PNGs at the images' relative paths, "
                     "the images' size; white (>= 128) = fill, black = keep.")
 flags.DEFINE_bool("composite", True, "inpaint: paste the known pixels back, so the output "
@@ -71,7 +79,8 @@ flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance (default: "
 flags.DEFINE_enum("spacing", None, ["auto", "uniform", "quad", "logsnr"], "Timestep grid.")
 flags.DEFINE_integer("seed", 0, "Seed of the job; sample i's noise derives from (seed, i).")
 flags.DEFINE_integer("image_size", None, "Sample larger (or smaller) images than the training "
-                     "size: the UNet runs convolutionally on the larger latent.")
+                     "size: the UNet runs convolutionally on the larger latent (generate, and "
+                     "the canvas of --task=layout).")
 flags.DEFINE_integer("tile", 0, "Decode latents (and, for upscale/inpaint, denoise them) in "
                      "overlapping tiles of this many latent pixels: bounds the decoder's (and "
                      "UNet's) memory for large images; 0 = whole.")
@@ -104,15 +113,21 @@ def _check_task_flags(classes):
   if FLAGS.task == "generate":
     for name in ("inputs", "masks"):
       if getattr(FLAGS, name):
-        raise JobError(f"--{name}: only --task=upscale/inpaint read input files (add --task)")
+        raise JobError(f"--{name}: only the file tasks (--task=upscale/inpaint/semantic/"
+                       f"layout) read input files (add --task)")
     return
   if not FLAGS.inputs:
-    raise JobError(f"--task={FLAGS.task}: give --inputs (a folder of images)")
+    raise JobError(f"--task={FLAGS.task}: give --inputs (a folder of "
+                   f"{'box files' if FLAGS.task == 'layout' else 'images'})")
   if FLAGS.masks and FLAGS.task != "inpaint":
     raise JobError("--masks: only --task=inpaint reads masks")
-  for name in ("num_samples", "per_class", "prompts", "image_size"):
+  for name in ("num_samples", "per_class", "prompts") + (
+      ("image_size",) if FLAGS.task != "layout" else ()):
     if getattr(FLAGS, name):
-      raise JobError(f"--{name}: --task={FLAGS.task} makes one output per input image; drop it")
+      raise JobError(f"--{name}: --task={FLAGS.task} makes one output per input file; drop it")
+  if classes and FLAGS.task in ("semantic", "layout"):
+    raise JobError(f"--classes: --task={FLAGS.task} takes its classes from the input files; "
+                   f"drop it")
   if len(classes) > 1:
     raise JobError(f"--classes: --task={FLAGS.task} takes one class for every fill, got "
                    f"{len(classes)}")
@@ -124,7 +139,7 @@ def _run_file_job(pipeline, classes):
       FLAGS.task, FLAGS.inputs, FLAGS.masks, classes[0] if classes else None, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
       guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing, tile=FLAGS.tile,
-      composite=FLAGS.composite)
+      composite=FLAGS.composite, image_size=FLAGS.image_size or 0)
   result = image_tasks.run(pipeline, job, FLAGS.out)
   print(f"{FLAGS.task}: {result['generated']} images written to {FLAGS.out}/images "
         f"({result['skipped']} were already there), {result['samples_per_sec']:.2f} images/s, "

@@ -1,5 +1,5 @@
-"""Sampling jobs whose inputs are files: upscale a folder (super-resolution) and inpaint images
-with masks, on every device, one output PNG per input.
+"""Sampling jobs whose inputs are files: upscale a folder (super-resolution), inpaint images with
+masks, render semantic label maps and box layouts, on every device, one output PNG per input.
 
   upscale  a super-resolution model (cond.concat='lowres') turns each image of --inputs, of any
            size, into one f times larger (f = the first stage's factor, x4 for LDM-SR). Sides
@@ -10,11 +10,18 @@ with masks, on every device, one output PNG per input.
            masked image; any other unconditional or class model inpaints by mask-blend
            sampling. The known pixels are pasted back (composite), so they equal the input.
            --tile bounds the denoiser's and decoder's memory; the encoder sees the whole image.
+  semantic a semantic-synthesis model (cond.concat='segmentation') renders each label-map PNG
+           of --inputs (one class index per pixel) at the map's size, which may be larger than
+           the training size (the UNet is convolutional: the paper's landscape panoramas).
+  layout   a layout-to-image model (cond.type='layout') renders each box file (.json, as the
+           training sidecars: {"boxes": [{"class": c, "box": [x0, y0, x1, y1]}]}) of --inputs
+           on a canvas of --image_size (default the training size), boxes in its pixels.
 
 Outputs go to <out>/images/<the input's relative path>.png; a rerun skips the outputs already
 there (the job is resumable), and input i's noise derives from (seed, i) as in sampling_job.
-Every input is read and checked before any compute: a file that cannot be read, or a mask of
-another size than its image, stops the job with one line naming the file.
+Every input is read and checked before any compute: a file that cannot be read, a mask of
+another size than its image, a label map with classes the model lacks, a box outside the canvas,
+stops the job with one line naming the file.
 """
 from __future__ import annotations
 
@@ -29,17 +36,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import locks
-from ldm_jax.data.folder_index import IMAGE_EXTENSIONS
 from ldm_jax.data.preprocess import to_float
-from ldm_jax.data.sources import decode_image
-from ldm_jax.errors import BadImageError, JobError
+from ldm_jax.errors import JobError
 from ldm_jax.inference import Pipeline
 from ldm_jax.models.build import resolve_dtype
 from ldm_jax.sampling_job import (Progress, Writer, auto_batch_size, check_job, digest,
                                   global_batch)
+from ldm_jax.task_inputs import (list_files, list_images, read_image, read_label_map,
+                                 read_layout, read_mask)
 
 logger = logging.getLogger("ldm_jax")
-TASKS = ("upscale", "inpaint")
+TASKS = ("upscale", "inpaint", "semantic", "layout")
 
 
 @dataclasses.dataclass
@@ -58,38 +65,7 @@ class FileJob:
   spacing: str | None = None
   tile: int = 0
   composite: bool = True
-
-
-def list_images(folder: str, flag: str) -> list[str]:
-  """Relative paths of the images under `folder` (nested folders too), sorted."""
-  if not os.path.isdir(folder):
-    raise JobError(f"--{flag}: no such folder '{folder}'")
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found += [os.path.relpath(os.path.join(root, f), folder) for f in files
-              if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-  if not found:
-    raise JobError(f"--{flag}: no images in '{folder}' (extensions {', '.join(IMAGE_EXTENSIONS)})")
-  return sorted(found)
-
-
-def _read(path: str, channels: int, flag: str) -> np.ndarray:
-  if not os.path.isfile(path):
-    raise JobError(f"--{flag}: '{path}' is gone (was the folder changed while the job ran?)")
-  try:
-    return decode_image(path, channels)
-  except BadImageError as e:
-    raise JobError(f"--{flag}: {str(e).removeprefix('data: ')}") from None
-
-
-def read_mask(path: str, shape: tuple[int, int], image_path: str) -> np.ndarray:
-  """(H, W, 1) float mask, 1 where the PNG is white (>= 128): the region to fill."""
-  mask = _read(path, 1, "masks")
-  if mask.shape[:2] != shape:
-    raise JobError(f"--masks: '{path}' is {mask.shape[1]}x{mask.shape[0]}, but its image "
-                   f"'{image_path}' is {shape[1]}x{shape[0]}; masks must match their images")
-  return (mask >= 128).astype(np.float32)
+  image_size: int = 0          # layout: the canvas side (0: the model's training size)
 
 
 @dataclasses.dataclass
@@ -112,10 +88,27 @@ def _padded_shape(size, multiple):
 
 
 def check_task(pipeline: Pipeline, job: FileJob) -> str:
-  """'sr', 'concat_inpaint' or 'blend_inpaint': how the model does the job, or a JobError."""
+  """'sr', 'concat_inpaint', 'blend_inpaint', 'semantic' or 'layout': how the model does the
+  job, or a JobError."""
   cond = pipeline.ldm.cond
   if job.task not in TASKS:
     raise JobError(f"--task: expected one of generate, {', '.join(TASKS)}, got '{job.task}'")
+  if job.image_size and job.task != "layout":
+    raise JobError(f"--image_size: --task={job.task} takes the size of each input; drop it")
+  if job.task == "semantic":
+    if cond.concat != "segmentation" or cond.context or cond.adm:
+      raise JobError("--task=semantic: this model is not a semantic-synthesis model "
+                     "(cond.concat='segmentation'); train one with configs/ldm_semantic.py")
+    return "semantic"
+  if job.task == "layout":
+    if cond.context != "layout" or cond.concat:
+      raise JobError("--task=layout: this model is not a layout-to-image model "
+                     "(cond.type='layout'); train one with configs/ldm_layout.py")
+    multiple = pipeline.ldm.first.downsample_factor * pipeline.ldm.unet_multiple
+    if job.image_size % multiple:
+      raise JobError(f"--image_size: {job.image_size} must be a multiple of {multiple} (the "
+                     f"first stage's factor times the UNet's downsamplings)")
+    return "layout"
   if job.task == "upscale":
     if cond.concat != "lowres":
       raise JobError("--task=upscale: this model is not a super-resolution model "
@@ -130,9 +123,9 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
                    "fill)")
   if not os.path.isdir(job.masks):
     raise JobError(f"--masks: no such folder '{job.masks}'")
-  if cond.context == "text" or cond.concat not in ("", "inpaint"):
+  if cond.context in ("text", "layout") or cond.concat not in ("", "inpaint"):
     raise JobError(f"--task=inpaint: needs an inpainting model or an unconditional or class "
-                   f"model; this one takes {cond.concat or 'text'} conditions")
+                   f"model; this one takes {cond.concat or cond.context} conditions")
   classy = cond.context == "class" or cond.adm
   if classy and job.label is None:
     raise JobError(f"--task=inpaint: this model is class-conditional: give --classes=C (one "
@@ -142,21 +135,39 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
   return "concat_inpaint" if cond.concat == "inpaint" else "blend_inpaint"
 
 
+def _canvas(pipeline: Pipeline, job: FileJob) -> tuple[int, int]:
+  side = job.image_size or pipeline.config.data.image_size
+  return side, side
+
+
+def _read_input(pipeline: Pipeline, job: FileJob, mode: str, relative: str):
+  """The model input of one file: an image, a label map, or (boxes, classes)."""
+  path = os.path.join(job.inputs, relative)
+  if mode == "semantic":
+    return read_label_map(path, pipeline.config.cond.seg_classes)
+  if mode == "layout":
+    return read_layout(path, _canvas(pipeline, job), pipeline.num_classes,
+                       pipeline.config.data.max_boxes)
+  return read_image(path, pipeline.ldm.first.channels, "inputs")
+
+
 def _items(pipeline: Pipeline, job: FileJob, mode: str) -> list[_Item]:
   """Every input, decoded once to check it (and its mask) before any compute; the pixels are
   read again per batch (_load), so memory holds one batch, not the folder."""
-  channels = pipeline.ldm.first.channels
   items, stems = [], {}
-  for i, rel in enumerate(list_images(job.inputs, "inputs")):
+  files = (list_files(job.inputs, "inputs", (".json",), "box files (.json)") if mode == "layout"
+           else list_images(job.inputs, "inputs"))
+  for i, rel in enumerate(files):
     stem = os.path.splitext(rel)[0]
     if stem in stems:
       raise JobError(f"--inputs: '{stems[stem]}' and '{rel}' would both be written to "
                      f"{stem}.png (and share a mask); rename one")
     stems[stem] = rel
     path = os.path.join(job.inputs, rel)
-    size = _read(path, channels, "inputs").shape[:2]
+    data = _read_input(pipeline, job, mode, rel)
+    size = _canvas(pipeline, job) if mode == "layout" else data.shape[:2]
     mask_path = None
-    if mode != "sr":
+    if mode.endswith("inpaint"):
       mask_path = os.path.join(job.masks, os.path.splitext(rel)[0] + ".png")
       if not os.path.isfile(mask_path):
         raise JobError(f"--masks: no mask '{mask_path}' for image '{path}' (masks are PNGs at "
@@ -166,15 +177,20 @@ def _items(pipeline: Pipeline, job: FileJob, mode: str) -> list[_Item]:
   return items
 
 
-def _load(pipeline: Pipeline, job: FileJob, item: _Item) -> tuple[dict, np.ndarray | None,
-                                                                    np.ndarray | None]:
+def _load(pipeline: Pipeline, job: FileJob, mode: str,
+          item: _Item) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
   """(the model's inputs padded to its multiple, the image and mask for the composite)."""
   ldm = pipeline.ldm
-  image = _read(os.path.join(job.inputs, item.relative), ldm.first.channels, "inputs")
-  if item.mask_path is None:
-    return {"lowres": to_float(_pad_to(image, ldm.unet_multiple))}, None, None
-  mask = read_mask(item.mask_path, item.size, item.relative)
+  data = _read_input(pipeline, job, mode, item.relative)
   multiple = ldm.first.downsample_factor * ldm.unet_multiple
+  if mode == "sr":
+    return {"lowres": to_float(_pad_to(data, ldm.unet_multiple))}, None, None
+  if mode == "semantic":
+    return {"segmentation": _pad_to(data[..., None], multiple)[..., 0]}, None, None
+  if mode == "layout":
+    return {"boxes": data[0], "box_classes": data[1]}, None, None
+  image = data
+  mask = read_mask(item.mask_path, item.size, item.relative)
   ph, pw = -mask.shape[0] % multiple, -mask.shape[1] % multiple
   inputs = {"image": to_float(_pad_to(image, multiple)),
             "mask": np.pad(mask, ((0, ph), (0, pw), (0, 0)))}   # padding is kept, not filled
@@ -226,7 +242,7 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
     progress = Progress(len(items), len(items) - len(todo))
     with Writer(out) as writer:
       for group in _batches(todo, job, pipeline, mesh, mode):
-        loaded = [_load(pipeline, job, it) for it in group]
+        loaded = [_load(pipeline, job, mode, it) for it in group]
         cond = {k: np.stack([inputs[k] for inputs, _, _ in loaded]) for k in loaded[0][0]}
         idx = np.asarray([it.index for it in group], np.int32)
         images = np.asarray(multihost_utils.process_allgather(
@@ -235,7 +251,7 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
         for it, (_, image_in, mask), image in zip(group, loaded, images):
           h, w = _output_size(pipeline, it, mode)
           image = image[:h, :w]
-          if mode != "sr" and job.composite:
+          if mode.endswith("inpaint") and job.composite:
             image = mask * image + (1.0 - mask) * image_in
           new.append((output_path(out, it.relative), image))
         if jax.process_index() == 0:
@@ -278,6 +294,7 @@ def _compile(pipeline: Pipeline, job: FileJob, mode: str, mesh: Mesh):
   rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   generate = jax.jit(pipeline.make_generate(
       sampler=job.sampler, steps=job.steps, eta=job.eta, guidance_scale=job.guidance_scale,
-      spacing=job.spacing, tile=job.tile, inpaint=mode == "blend_inpaint", tile_denoising=True),
+      spacing=job.spacing, image_size=_canvas(pipeline, job) if mode == "layout" else None,
+      tile=job.tile, inpaint=mode == "blend_inpaint", tile_denoising=True),
       in_shardings=(rep, rep, rep, sharded, sharded), out_shardings=sharded)
   return generate, jax.device_put(pipeline.params, rep), jax.device_put(pipeline.frozen, rep)

@@ -83,10 +83,13 @@ def test_argparse_clis_report_usage_errors_in_one_line():
 
 def test_sample_task_modes_are_listed_and_a_missing_input_folder_is_named(tmp_path):
   help_text = run_cli(["sample.py", "--helpfull"]).stdout
-  for mode in ("generate:", "upscale:", "inpaint:"):
+  for mode in ("generate:", "upscale:", "inpaint:", "semantic:", "layout:"):
     assert mode in help_text
   one_error_line(run_cli(["sample.py", f"--checkpoint={tmp_path}", f"--out={tmp_path}/o",
                           "--task=upscale"]), "--task=upscale", "--inputs")
+  one_error_line(run_cli(["sample.py", f"--checkpoint={tmp_path}", f"--out={tmp_path}/o",
+                          "--task=layout", f"--inputs={tmp_path}", "--classes=3"]),
+                 "--classes", "--task=layout")
 
 
 def test_verbose_adds_the_traceback(tmp_path):
