@@ -66,12 +66,14 @@ class Conditioner:
     if self.context == "class":
       self.class_embedder = ClassEmbedder(num_classes, c.embed_dim, c.null)
     elif self.context in ("text", "layout"):
+      corners = {}
       if self.context == "layout":
         self.layout_grid = c.get("layout_grid", 32)
         vocab_size = layout_vocab_size(num_classes, self.layout_grid)
+        corners = {"corner_grid": self.layout_grid, "corner_offset": 2 + num_classes}
       self.text = TextTransformer(vocab_size, self.context_length(), c.embed_dim, c.text_depth,
                                   c.text_heads, null=c.null, dropout=config.unet.dropout,
-                                  dtype=dtype)
+                                  dtype=dtype, **corners)
     if self.concat == "segmentation":   # (configs from before the fields: no mapper, antialias)
       self.rescaler = SpatialRescaler(c.rescaler_stages, 0.5,
                                       out_channels=c.get("rescaler_channels", 0),

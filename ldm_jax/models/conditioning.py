@@ -41,10 +41,27 @@ class ClassEmbedder(nn.Module):
     return _where(drop, null, emb)
 
 
+def grid_fourier_features(tokens, offset: int, grid: int, frequencies: int = 6):
+  """Fixed Fourier features of the (x, y) a layout corner token stands for (ids offset ..
+  offset + grid^2 - 1, row-major), zeros for other tokens: (B, L, 4 * frequencies)."""
+  index = tokens - offset
+  is_corner = (index >= 0) & (index < grid * grid)
+  index = jnp.clip(index, 0, grid * grid - 1)
+  xy = jnp.stack([index % grid, index // grid], -1).astype(jnp.float32) / max(grid - 1, 1)
+  angles = xy[..., None] * (jnp.pi * 2.0 ** jnp.arange(frequencies))   # (B, L, 2, F)
+  feats = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(
+      tokens.shape + (4 * frequencies,))
+  return jnp.where(is_corner[..., None], feats, 0.0)
+
+
 class TextTransformer(nn.Module):
   """Token ids (B, L) -> context (B, L, width) and its mask (B, L): token + learned position
   embeddings, pre-LayerNorm transformer layers attending to non-padding tokens, final LayerNorm
-  (the paper's jointly trained text encoder). Padding is token id `pad_id`."""
+  (the paper's jointly trained text encoder). Padding is token id `pad_id`.
+
+  For layouts (`corner_grid` > 0), corner tokens (ids from `corner_offset`) also get a learned
+  projection of fixed Fourier features of their coordinates (as GLIGEN encodes boxes): nearby
+  corners start out with similar embeddings instead of unrelated ones."""
   vocab_size: int
   max_length: int = 77
   width: int = 512
@@ -54,6 +71,8 @@ class TextTransformer(nn.Module):
   null: str = "learned"
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  corner_grid: int = 0
+  corner_offset: int = 0
 
   @nn.compact
   def __call__(self, tokens, drop=None, train: bool = False):
@@ -63,6 +82,9 @@ class TextTransformer(nn.Module):
     mask = tokens != self.pad_id
     x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32, name="token_embedding")(
         tokens)
+    if self.corner_grid:
+      x = x + nn.Dense(self.width, param_dtype=jnp.float32, name="corner_features")(
+          grid_fourier_features(tokens, self.corner_offset, self.corner_grid))
     pos = self.param("position_embedding", nn.initializers.normal(0.01),
                      (self.max_length, self.width))
     x = (x + pos[:length]).astype(self.dtype)
