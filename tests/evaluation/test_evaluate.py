@@ -33,6 +33,7 @@ def _run(args, capsys):
   return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow   # evaluation end to end: ~25 s each
 def test_cli_scores_folders_caches_the_reference_and_reads_published_stats(
     cifar, inception_weights, tmp_path, capsys, caplog):
   common = ["--weights", inception_weights, "--cache_dir", str(tmp_path / "cache"),
@@ -80,6 +81,7 @@ def test_bad_inputs_are_one_line(tmp_path, inception_weights):
   assert os.path.exists(inception_weights)
 
 
+@pytest.mark.slow   # evaluation end to end: ~25 s each
 def test_training_fid_is_zero_for_the_images_themselves_and_grows_with_damage(
     cifar, inception_weights):
   """training/fid.py on 16 held-out images, 8 CPU devices: a 'generator' returning the batch
@@ -106,6 +108,7 @@ def test_training_fid_is_zero_for_the_images_themselves_and_grows_with_damage(
   assert fid.real_stats is real and 1.0 < small < large
 
 
+@pytest.mark.slow   # evaluation end to end: ~25 s each
 def test_checkpoint_is_sampled_by_the_resumable_job_then_scored(class_ldm, inception_weights,
                                                                   cifar, tmp_path, capsys):
   """--checkpoint: the tiny class LDM's sampling job writes <out>/samples (grey 16 px digits,

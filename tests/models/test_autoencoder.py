@@ -60,7 +60,7 @@ def test_reference_structure():
   assert params["quant_conv"]["kernel"].shape == (1, 1, 8, 8)
 
 
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", [pytest.param("kl", marks=pytest.mark.slow), "vq"])
 def test_without_mid_attention_has_no_mid_attention_params_and_trains(kind):
   """mid_attention=False (CompVis attn_type 'none') drops exactly the two mid AttnBlocks; the
   model still reconstructs at full shape and a gradient step lowers its reconstruction loss."""
