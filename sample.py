@@ -5,6 +5,10 @@
   python sample.py --checkpoint=exports/ldm --out=samples/u --num_samples=5000 --sampler=dpmpp_2m \
       --steps=20
   python sample.py --checkpoint=runs/ldm_coco --out=samples/t --prompts=prompts.txt --per_prompt=4
+  python sample.py --checkpoint=stable-diffusion-v1-5/ --out=samples/sd --prompts=prompts.txt \
+      --guidance_scale=7.5 --negative_prompt="blurry" --steps=50
+  python sample.py --checkpoint=v2-1_768-ema-pruned.safetensors --prediction=v \
+      --tokenizer=sd21/tokenizer --out=samples/sd21 --prompts=prompts.txt --image_size=768
 
   python sample.py --checkpoint=runs/ldm_sr_cifar --out=up --task=upscale --inputs=photos/
   python sample.py --checkpoint=runs/ldm_inpaint --out=filled --task=inpaint --inputs=imgs/ \
@@ -35,7 +39,21 @@ from absl import app, flags  # noqa: E402
 from ldm_jax import cli  # noqa: E402
 from ldm_jax.errors import JobError  # noqa: E402
 
-flags.DEFINE_string("checkpoint", None, "A stage-2 training workdir or an inference export.")
+flags.DEFINE_string("checkpoint", None, "A stage-2 training workdir, an inference export, or a "
+                    "Stable Diffusion 1.x/2.x checkpoint: a diffusers pipeline folder or a "
+                    "single .safetensors/.ckpt file (converted in memory; see --prediction, "
+                    "--tokenizer).")
+flags.DEFINE_string("negative_prompt", None, "Stable Diffusion (CLIP) models: the prompt guidance "
+                    "steers away from, in place of the empty prompt.")
+flags.DEFINE_enum("prediction", None, ["eps", "v"], "Stable Diffusion single files: what the "
+                  "UNet predicts (SD 2.x files need it: 512-base eps, 768-v v); overrides a "
+                  "folder's scheduler config.")
+flags.DEFINE_float("scale_factor", None, "Stable Diffusion checkpoints: the latent scale "
+                   "(default: the VAE config's; 0.18215 for single files).")
+flags.DEFINE_string("tokenizer", None, "Stable Diffusion single files: the CLIP tokenizer folder "
+                    "(vocab.json, merges.txt), e.g. a pipeline folder's tokenizer/.")
+flags.DEFINE_string("yaml", None, "Stable Diffusion single files: the CompVis YAML (otherwise "
+                    "the model is read from the checkpoint's keys and shapes).")
 flags.DEFINE_enum("task", "generate", ["generate", "upscale", "inpaint", "semantic", "layout"],
                   "generate: samples from noise (--num_samples, --per_class, --prompts); "
                   "upscale: a super-resolution model upscales every image of --inputs (any "
@@ -157,7 +175,13 @@ def main(argv):
     maybe_initialize_distributed()
     classes, prompts = _classes(FLAGS.classes), _prompts(FLAGS.prompts)
     _check_task_flags(classes)
-    pipeline = load_pipeline(FLAGS.checkpoint, dtype=FLAGS.dtype, attention=FLAGS.attention)
+    sd_options = {k: getattr(FLAGS, k) for k in ("prediction", "scale_factor", "tokenizer",
+                                                  "yaml") if getattr(FLAGS, k) is not None}
+    pipeline = load_pipeline(FLAGS.checkpoint, dtype=FLAGS.dtype, attention=FLAGS.attention,
+                             sd_options=sd_options)
+    if FLAGS.negative_prompt is not None and pipeline.ldm.cond.clip is None:
+      raise JobError("--negative_prompt: only Stable Diffusion (CLIP text encoder) models take "
+                     "a negative prompt")
     if FLAGS.task != "generate":
       _run_file_job(pipeline, classes)
       return
@@ -166,7 +190,7 @@ def main(argv):
         classes=classes, prompts=prompts, per_prompt=FLAGS.per_prompt,
         seed=FLAGS.seed, batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps,
         eta=FLAGS.eta, guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing,
-        image_size=FLAGS.image_size, tile=FLAGS.tile)
+        image_size=FLAGS.image_size, tile=FLAGS.tile, negative_prompt=FLAGS.negative_prompt)
     result = sampling_job.run(pipeline, job, FLAGS.out)
   print(f"{result['generated']} samples written to {FLAGS.out}/images "
         f"({result['skipped']} were already there), {result['samples_per_sec']:.2f} samples/s "

@@ -380,7 +380,8 @@ def save_inference(directory: str, variables: dict, *, config, meta: dict,
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params, variables)
   checkpointer.wait_until_finished()
-  for name, source in (extra_files or {}).items():
+  for name, source in (extra_files or {}).items():   # names may hold a folder: tokenizer/x
+    os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
     with fileio.atomic_path(os.path.join(directory, name)) as tmp:
       shutil.copyfile(source, tmp)
   if jax.process_index() == 0:

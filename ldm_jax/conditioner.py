@@ -6,6 +6,7 @@ Routed by `config.cond` (see ldm_jax/data/conditions.py for the host-side half):
   class    eps(z_t, t, context = ClassEmbedder(y))            (cross-attention)
   adm      eps(z_t, t, y)                                    (added to the time embedding)
   text     eps(z_t, t, context = TextTransformer(tokens))     (cross-attention, padding masked)
+           or, cond.text_encoder='clip', a frozen CLIP encoder   (Stable Diffusion: no mask)
   layout   eps(z_t, t, context = TextTransformer(layout_tokens(boxes, box_classes)))
   concat   eps([z_t, c], t)                                  (c on the latent grid)
   hybrid   eps([z_t, c], t, context)                          (both)
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from ldm_jax.data.conditions import concat_kind, context_kind
 from ldm_jax.errors import ConfigError
 from ldm_jax.first_stage import FirstStage
+from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import (ClassEmbedder, SpatialRescaler, TextTransformer,
                                          layout_tokens, layout_vocab_size)
 
@@ -52,19 +54,37 @@ def check_conditioning(config, first: FirstStage, num_classes: int):
                       "class 0); use cond.null='learned' or cond.p_uncond=0")
 
 
+def clip_encoder(cond_config, fields: dict | None, dtype) -> CLIPTextEncoder:
+  """The frozen CLIP text encoder of cond.text_encoder='clip', from its architecture `fields`
+  (read off its weights when they were loaded)."""
+  c = cond_config
+  if not fields:
+    raise ConfigError("cond.text_encoder='clip': the CLIP text encoder's architecture is "
+                      "unknown (load it from cond.clip_weights first)")
+  if fields["width"] != c.embed_dim or fields["max_length"] != c.text_max_length:
+    raise ConfigError(f"cond.embed_dim / cond.text_max_length ({c.embed_dim} / "
+                      f"{c.text_max_length}) must equal the CLIP text encoder's width and "
+                      f"positions ({fields['width']} / {fields['max_length']})")
+  return CLIPTextEncoder(**{k: v for k, v in fields.items() if k != "layer"},
+                         layer=c.get("clip_layer", fields.get("layer", "last")), dtype=dtype)
+
+
 class Conditioner:
   """The conditioning encoders of a config, and the UNet inputs of a batch."""
 
   def __init__(self, config, first: FirstStage, vocab_size: int, num_classes: int,
-               dtype=jnp.float32):
+               dtype=jnp.float32, clip_fields: dict | None = None, null_tokens=None):
     c = config.cond
     self.config, self.first, self.num_classes = config, first, num_classes
     self.context, self.concat = context_kind(c), concat_kind(c)
     self.adm = c.type == "adm"
     self.null = c.null
-    self.class_embedder = self.text = self.rescaler = None
+    self.class_embedder = self.text = self.rescaler = self.clip = None
     if self.context == "class":
       self.class_embedder = ClassEmbedder(num_classes, c.embed_dim, c.null)
+    elif self.context == "text" and c.get("text_encoder", "transformer") == "clip":
+      self.clip = clip_encoder(c, clip_fields, dtype)
+      self.null_tokens = jnp.asarray(null_tokens, jnp.int32)
     elif self.context in ("text", "layout"):
       corners = {}
       if self.context == "layout":
@@ -110,7 +130,17 @@ class Conditioner:
                            self.layout_grid)
     return batch["tokens"]
 
+  def clip_tokens(self, batch, drop):
+    """The caption tokens, or for dropped examples the null prompt's: batch['null_tokens']
+    (negative prompts) when given, else the empty prompt's (Stable Diffusion's null)."""
+    tokens = batch["tokens"]
+    null = batch.get("null_tokens")
+    null = jnp.broadcast_to(self.null_tokens if null is None else null, tokens.shape)
+    return jnp.where(drop[:, None], null, tokens)
+
   def init(self, rng, batch) -> dict:
+    """The trained conditioning parameters (a frozen CLIP encoder has none here: its weights
+    are loaded, never initialised)."""
     params = {}
     drop = jnp.zeros((batch_size(batch),), bool)
     if self.class_embedder is not None:
@@ -130,6 +160,9 @@ class Conditioner:
     if self.class_embedder is not None:
       out["context"] = self.class_embedder.apply({"params": params["class"]}, batch["label"],
                                                  drop)
+    if self.clip is not None:   # frozen: its params ride in params['cond']['clip']
+      out["context"] = self.clip.apply({"params": params["clip"]},
+                                       self.clip_tokens(batch, drop))
     if self.text is not None:
       rngs = {"dropout": rng} if train and rng is not None else None
       out["context"], out["context_mask"] = self.text.apply(

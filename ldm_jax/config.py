@@ -352,9 +352,25 @@ _LDM = {
                   choices=("learned", "zeros")),
         "text_tokenizer": F("vocab", "'vocab': a BERT WordPiece vocab.txt or tokenizer.json at "
                             "text_vocab; 'train': train a WordPiece tokenizer on the training "
-                            "captions (saved to the workdir).", choices=("vocab", "train")),
+                            "captions (saved to the workdir); 'clip': transformers' "
+                            "CLIPTokenizer from the folder at text_vocab (a Stable Diffusion "
+                            "folder or its tokenizer/; text_encoder='clip' needs it).",
+                            choices=("vocab", "train", "clip")),
         "text_vocab": F("", "Tokenizer file for text_tokenizer='vocab' (e.g. bert-base-uncased "
-                        "vocab.txt)."),
+                        "vocab.txt); for 'clip' the folder holding vocab.json and merges.txt."),
+        "text_encoder": F("transformer", "text: 'transformer' = the paper's encoder, trained "
+                          "with the UNet (text_depth, text_heads, embed_dim); 'clip' = a "
+                          "pretrained CLIP text encoder, frozen, from clip_weights (Stable "
+                          "Diffusion's; embed_dim and text_max_length must equal its width and "
+                          "positions). Its null condition is the empty prompt's encoding, as "
+                          "Stable Diffusion's.", choices=("transformer", "clip")),
+        "clip_weights": F("", "text_encoder='clip': where the frozen CLIP weights come from: a "
+                          "diffusers Stable Diffusion folder (its text_encoder/), a transformers "
+                          "CLIPTextModel folder, or an ldm_jax export of a Stable Diffusion "
+                          "model."),
+        "clip_layer": F("last", "text_encoder='clip': which layer's output (final LayerNorm "
+                        "applied) is the context: 'last' (SD 1.x) or 'penultimate' (SD 2.x's "
+                        "OpenCLIP; diffusers' clip_skip=1).", choices=("last", "penultimate")),
         "text_vocab_size": F(8192, "Vocabulary size of a trained tokenizer."),
         "text_max_length": F(77, "Tokens per caption (padded/truncated)."),
         "text_depth": F(8, "Transformer layers of the text (or layout) encoder (the paper's "

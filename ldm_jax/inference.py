@@ -20,7 +20,7 @@ from ldm_jax.checkpoint import (Checkpointer, CheckpointError, is_inference_expo
                                 load_inference)
 from ldm_jax.data import conditions
 from ldm_jax.data.preprocess import to_float
-from ldm_jax.data.text import TextTokenizer, tokenizer_for
+from ldm_jax.data.text import ClipTokenizer, TextTokenizer, tokenizer_for
 from ldm_jax.errors import JobError
 from ldm_jax.first_stage import FirstStage, load_first_stage
 from ldm_jax.ldm import LatentDiffusion, SampleSettings, tiled_decode  # noqa: F401 (re-export)
@@ -53,9 +53,10 @@ class Pipeline:
     return self.ldm.latent_shape(batch, image_size)
 
   def condition_batch(self, n: int, labels=None, prompts=None, images=None, masks=None,
-                      layouts=None):
+                      layouts=None, negative_prompts=None):
     """The batch dict the conditioner reads, for n samples. `layouts`: (boxes (n, N, 4) in
-    [0, 1] of the canvas, classes (n, N), -1 = no box) for a layout model."""
+    [0, 1] of the canvas, classes (n, N), -1 = no box) for a layout model.
+    `negative_prompts` replace a CLIP model's empty prompt as the guidance's null condition."""
     batch: dict[str, Any] = {}
     cond = self.ldm.cond
     if cond.context == "layout":
@@ -73,6 +74,8 @@ class Pipeline:
       if prompts is None:
         raise JobError("this model is text-conditional: give prompts")
       batch["tokens"] = self.ldm.tokenizer.encode(list(prompts))
+      if negative_prompts is not None and self.ldm.cond.clip is not None:
+        batch["null_tokens"] = self.ldm.tokenizer.encode(list(negative_prompts))
     if cond.concat:
       if images is None:
         raise JobError(f"this model concatenates a '{cond.concat}' condition: give images")
@@ -136,12 +139,33 @@ def _from_export(path: str, runtime: dict) -> Pipeline:
                      meta.get("first_stage") or {})
   tokenizer = None
   if meta.get("tokenizer"):
-    tokenizer = TextTokenizer(os.path.join(path, meta["tokenizer"]), config.cond.text_max_length)
+    kind = ClipTokenizer if config.cond.get("text_tokenizer") == "clip" else TextTokenizer
+    tokenizer = kind(os.path.join(path, meta["tokenizer"]), config.cond.text_max_length)
   ldm = LatentDiffusion(config, first, num_classes=int(meta.get("num_classes", 0)),
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, clip_fields=meta.get("text_encoder"))
   params = {"unet": variables["unet"]["params"], "cond": variables["cond"]["params"]}
   return Pipeline(ldm, params, {"autoencoder": first.variables}, float(meta["scale_factor"]),
                   f"export {path}", trained_dtype)
+
+
+def _from_stable_diffusion(path: str, runtime: dict, options: dict) -> Pipeline:
+  """A Pipeline of an SD checkpoint converted in memory (interop/stable_diffusion.py)."""
+  from ldm_jax.interop.stable_diffusion import load_stable_diffusion  # pylint: disable=g-import-not-at-top
+  model = load_stable_diffusion(path, **options)
+  config, trained_dtype = _with_runtime(ml_collections.ConfigDict(model.config.to_dict()),
+                                        **runtime)
+  ae_config = model.autoencoder_config
+  module = build_autoencoder(ae_config.model, image_size=ae_config.data.image_size,
+                             channels=ae_config.data.channels,
+                             dtype=dtype_of(config.train.compute_dtype),
+                             attention_impl=runtime["attention"] or "auto")
+  first = FirstStage(module, model.autoencoder[1], ae_config, model.source)
+  tokenizer = ClipTokenizer(config.cond.text_vocab, config.cond.text_max_length)
+  ldm = LatentDiffusion(config, first, tokenizer=tokenizer, clip_fields=model.text_encoder)
+  params = {"unet": model.unet[1]["params"], "cond": {"clip": model.cond[1]["params"]}}
+  source = f"{model.source} ({', '.join(model.notes)})" if model.notes else model.source
+  return Pipeline(ldm, params, {"autoencoder": first.variables}, float(model.scale_factor),
+                  source, trained_dtype)
 
 
 def _workdir_facts(path: str, checkpointer: Checkpointer):
@@ -178,21 +202,31 @@ def _from_workdir(path: str, runtime: dict) -> Pipeline:
     tokenizer = TextTokenizer(recorded, config.cond.text_max_length)
   else:
     tokenizer = tokenizer_for(config.cond, path)
+  clip_fields, frozen_clip = None, None
+  if config.cond.get("text_encoder") == "clip":   # frozen in training: not in the checkpoint
+    from ldm_jax.interop.stable_diffusion import load_text_encoder  # pylint: disable=g-import-not-at-top
+    clip_fields, frozen_clip = load_text_encoder(config.cond.clip_weights,
+                                                 config.cond.clip_layer)
   ldm = LatentDiffusion(config, first, num_classes=int(facts.get("num_classes") or 0),
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, clip_fields=clip_fields)
   abstract = ldm.abstract_params()
   key = "ema_params" if config.train.ema_decay > 0 else "params"
   restored = checkpointer.restore_subtree({
       key: _single_device(abstract),
       "model_state": _single_device({"scale_factor": jax.ShapeDtypeStruct((), jnp.float32)})})
-  return Pipeline(ldm, restored[key], {"autoencoder": first.variables},
+  params = restored[key]
+  if frozen_clip is not None:
+    params = LatentDiffusion.with_frozen(params, {"text_encoder": frozen_clip["params"]})
+  return Pipeline(ldm, params, {"autoencoder": first.variables},
                   float(restored["model_state"]["scale_factor"]),
                   f"{path} step {checkpointer.latest_step()}", trained_dtype)
 
 
-def load_pipeline(path: str, *, dtype: str | None = None,
-                  attention: str | None = None) -> Pipeline:
-  """A Pipeline from an inference export or a stage-2 training workdir (EMA weights).
+def load_pipeline(path: str, *, dtype: str | None = None, attention: str | None = None,
+                  sd_options: dict | None = None) -> Pipeline:
+  """A Pipeline from an inference export, a stage-2 training workdir (EMA weights), or a
+  Stable Diffusion checkpoint (a diffusers pipeline folder or a single file; `sd_options`:
+  prediction, scale_factor, tokenizer, yaml, as interop.stable_diffusion takes them).
 
   `dtype` ('auto', 'float32', 'bfloat16') is the compute dtype of the UNet, the conditioning
   encoder and the autoencoder (the weights stay as stored); `attention` ('auto', 'xla',
@@ -206,6 +240,9 @@ def load_pipeline(path: str, *, dtype: str | None = None,
   runtime = {"dtype": dtype, "attention": attention}
   if is_inference_export(path):
     return _from_export(path, runtime)
+  from ldm_jax.interop import stable_diffusion  # pylint: disable=g-import-not-at-top
+  if stable_diffusion.is_stable_diffusion(path):
+    return _from_stable_diffusion(path, runtime, sd_options or {})
   if not os.path.isdir(os.path.join(path, "checkpoints")):
     raise CheckpointError(f"'{path}' is neither an ldm_jax export nor a training workdir (no "
                           f"meta.json or checkpoints/)")
@@ -246,13 +283,18 @@ def export_pipeline(pipeline: Pipeline, out: str, dtype: str = "float32"):
       "unet": {"params": pipeline.params["unet"]}, "cond": {"params": pipeline.params["cond"]},
       "autoencoder": pipeline.frozen["autoencoder"]})
   extra, tokenizer = {}, None
-  if pipeline.ldm.tokenizer is not None:
+  if isinstance(pipeline.ldm.tokenizer, ClipTokenizer):   # a folder of files
+    tokenizer, folder = "tokenizer", pipeline.ldm.tokenizer.path
+    extra = {f"{tokenizer}/{f}": os.path.join(folder, f) for f in sorted(os.listdir(folder))
+             if os.path.isfile(os.path.join(folder, f))}
+  elif pipeline.ldm.tokenizer is not None:
     tokenizer = "tokenizer" + (".json" if pipeline.ldm.tokenizer.path.endswith(".json")
                                else ".txt")
     extra[tokenizer] = pipeline.ldm.tokenizer.path
   first = pipeline.ldm.first
   meta = {"stage": "ldm", "scale_factor": pipeline.scale_factor,
           "num_classes": pipeline.num_classes, "dtype": dtype, "tokenizer": tokenizer,
+          "text_encoder": pipeline.ldm.clip_fields,
           "autoencoder_config": json.loads(first.config.to_json_best_effort()),
           "first_stage": dict(first.identity, source=first.source),
           "source": pipeline.source}

@@ -46,17 +46,18 @@ class LatentDiffusion:
   `activation_sharding` (training on a mesh) pins the UNet's batch activations (see UNet)."""
 
   def __init__(self, config, first: FirstStage, *, num_classes: int = 0, tokenizer=None,
-               activation_sharding=None):
+               activation_sharding=None, clip_fields: dict | None = None):
     c = config
     self.config, self.first, self.tokenizer = config, first, tokenizer
-    self.num_classes = num_classes
+    self.num_classes, self.clip_fields = num_classes, clip_fields
     self.dtype = dtype_of(c.train.compute_dtype)
     _check_first_stage(c, first)
     check_conditioning(c, first, num_classes)
     self.schedule = make_schedule(c.diffusion)
     self.latent_size = c.data.image_size // first.downsample_factor
     vocab = tokenizer.vocab_size if tokenizer is not None else 0
-    self.cond = Conditioner(c, first, vocab, num_classes, self.dtype)
+    null_tokens = tokenizer.encode([""])[0] if clip_fields and tokenizer is not None else None
+    self.cond = Conditioner(c, first, vocab, num_classes, self.dtype, clip_fields, null_tokens)
     self.coord_channels = 2 if c.unet.get("coord_channels", False) else 0
     self.unet = build_unet(c.unet, in_channels=first.latent_channels + self.cond.concat_channels
                            + self.coord_channels,
@@ -86,6 +87,14 @@ class LatentDiffusion:
       batch["boxes"] = jnp.zeros((b, n, 4))
       batch["box_classes"] = jnp.full((b, n), -1, jnp.int32)
     return batch
+
+  @staticmethod
+  def with_frozen(params: dict, frozen: dict) -> dict:
+    """`params` with the frozen conditioning weights a stage keeps outside the optimizer (a
+    CLIP text encoder, frozen['text_encoder']) where the conditioner reads them."""
+    if "text_encoder" not in frozen:
+      return params
+    return {**params, "cond": {**params["cond"], "clip": frozen["text_encoder"]}}
 
   def abstract_params(self):
     """ShapeDtypeStructs of the parameters (no compute, no memory)."""
@@ -237,7 +246,7 @@ class LatentDiffusion:
 
   def describe(self) -> dict:
     """What the model is, beyond its config: recorded in checkpoints and exports."""
-    return {"num_classes": int(self.num_classes),
+    return {"num_classes": int(self.num_classes), "text_encoder": self.clip_fields,
             "tokenizer": None if self.tokenizer is None else self.tokenizer.path,
             "first_stage": dict(self.first.identity, source=self.first.source)}
 

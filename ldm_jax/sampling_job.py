@@ -56,6 +56,7 @@ class Job:
   spacing: str | None = None
   image_size: int | None = None
   tile: int = 0
+  negative_prompt: str | None = None   # a CLIP model's null condition for guidance ('' = none)
 
   def spec(self, source: str) -> dict:
     """Everything that determines the pixels (the resume check compares it)."""
@@ -112,6 +113,7 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     with open(path, encoding="utf-8") as f:
       existing = json.load(f)
     existing.setdefault("dtype", resolve_dtype(trained_dtype) if trained_dtype else spec["dtype"])
+    existing.setdefault("negative_prompt", None)   # jobs from before the field
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = f" (or rerun with --dtype={existing['dtype']})" if diff == ["dtype"] else ""
@@ -154,7 +156,8 @@ def _run(pipeline: Pipeline, job: Job, out: str, mesh: Mesh | None) -> dict:
       idx = np.minimum(np.arange(start, start + batch), job.num_samples - 1)
       cond = pipeline.condition_batch(
           batch, labels=None if job.labels is None else [job.labels[i] for i in idx],
-          prompts=None if job.prompts is None else [job.prompts[i] for i in idx])
+          prompts=None if job.prompts is None else [job.prompts[i] for i in idx],
+          negative_prompts=None if job.negative_prompt is None else [job.negative_prompt] * batch)
       images = generate(params, frozen, key, *global_batch((np.asarray(idx, np.int32), cond),
                                                            mesh))
       if pending is not None:

