@@ -259,6 +259,12 @@ _LDM = {
                           "exact.", choices=("bfloat16", "float32")),
     },
     "unet": {
+        "init_from": F("", "Start the UNet (and the trained conditioning weights) from a "
+                       "trained model instead of random weights: an ldm_jax export (e.g. a "
+                       "Stable Diffusion checkpoint converted by `python -m "
+                       "ldm_jax.interop.convert sd`), a stage-2 workdir, or a diffusers Stable "
+                       "Diffusion folder. Read once, at step 0; a resumed run continues from "
+                       "its own checkpoint. '' = random init."),
         "model_channels": F(256, "Base channels of the UNet."),
         "channel_mult": F((1, 2, 4), "Channel multiplier per resolution level."),
         "num_res_blocks": F(2, "ResBlocks per level on the way down (one more on the way up)."),

@@ -227,6 +227,11 @@ class Trainer:
       init = jax.jit(init_fn, out_shardings=self.state_shardings,
                      compiler_options=run_once_options())
       state = init(rng, to_global(first, self.batch_sharding))
+      pretrained = self.stage.pretrained(abstract_state.params)
+      if pretrained is not None:   # fine-tuning: the weights, placed as the params are
+        params = jax.device_put(pretrained, self.state_shardings.params)
+        state = state.replace(params=params, ema_params=None if state.ema_params is None else
+                              jax.device_put(pretrained, self.state_shardings.ema_params))
       prepare = jax.jit(_on_model_inputs(self.stage.prepare), out_shardings=self.state_shardings)
       self.state = prepare(state, to_global(first, self.batch_sharding), self.frozen)
     self.start_step = int(self.state.step)

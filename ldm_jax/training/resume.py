@@ -29,7 +29,7 @@ ARCHITECTURE_FIELDS = (
 )
 # Exceptions to the patterns above: they change how the model runs, not what it is.
 RUNTIME_FIELDS = ("model.remat", "model.dropout", "unet.remat", "unet.attention_impl",
-                  "unet.dropout", "cond.p_uncond")
+                  "unet.dropout", "cond.p_uncond", "unet.init_from")
 # Fields the new config may lack in old checkpoints' configs (added since), with the value the
 # old code behaved as.
 ADDED_FIELDS = {"model.norm_groups": 32, "model.mid_attention": True,
@@ -42,7 +42,7 @@ ADDED_FIELDS = {"model.norm_groups": 32, "model.mid_attention": True,
                 "cond.rescaler_antialias": True, "cond.inpaint_convention": "ldm_jax",
                 "data.boxes_key": "", "data.box_classes_key": "", "unet.coord_channels": False,
                 "cond.text_encoder": "transformer", "cond.clip_weights": "",
-                "cond.clip_layer": "last", "train.init_from": ""}
+                "cond.clip_layer": "last", "unet.init_from": ""}
 # Architecture fields that shape one concat route only: for a model on another route a change
 # to them changes nothing (an old text model resumes without cond.rescaler_antialias=True).
 ROUTE_FIELDS = {"cond.rescaler_channels": "segmentation", "cond.rescaler_antialias": "segmentation",

@@ -13,8 +13,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.data import conditions
+from ldm_jax.errors import ConfigError
 from ldm_jax.data.latent_cache import build_latent_cache
 from ldm_jax.data.pipeline import default_workers
 from ldm_jax.data.text import tokenizer_for
@@ -47,6 +49,14 @@ class LatentDiffusionStage(Stage):
                 self.first.config.model.type, self.first.downsample_factor,
                 self.first.latent_channels)
     self.frozen = {"autoencoder": self.first.variables}
+    self.clip_fields = None
+    if c.cond.get("text_encoder", "transformer") == "clip":   # Stable Diffusion's, frozen
+      from ldm_jax.interop.stable_diffusion import load_text_encoder  # pylint: disable=g-import-not-at-top
+      self.clip_fields, clip_vars = load_text_encoder(c.cond.clip_weights, c.cond.clip_layer)
+      self.frozen["text_encoder"] = clip_vars["params"]
+      logger.info("text encoder: frozen CLIP from %s (%d layers, %d heads, width %d)",
+                  c.cond.clip_weights, self.clip_fields["layers"], self.clip_fields["heads"],
+                  self.clip_fields["width"])
     self.latent_size = c.data.image_size // self.first.downsample_factor
     self.tokenizer = None
     self.ldm: LatentDiffusion | None = None   # built once the class count is known
@@ -67,7 +77,8 @@ class LatentDiffusionStage(Stage):
         labelled = conditions.needs_labels(c.cond)
         classes = c.cond.num_classes or (source.num_classes if labelled else 0)
       self.ldm = LatentDiffusion(c, self.first, num_classes=classes, tokenizer=self.tokenizer,
-                                 activation_sharding=batch_sharding(self.mesh))
+                                 activation_sharding=batch_sharding(self.mesh),
+                                 clip_fields=self.clip_fields)
     if not c.first_stage.precompute_latents:
       return source
     conditions.check_cacheable(c.cond)
@@ -111,6 +122,11 @@ class LatentDiffusionStage(Stage):
                       opt_state=self.tx.init(params), ema_params=ema,
                       model_state={"scale_factor": scale}, rng=rng)
 
+  def pretrained(self, abstract_params):
+    """unet.init_from's weights (host arrays) in place of the random init, or None."""
+    path = self.config.unet.get("init_from", "")
+    return pretrained_params(path, abstract_params, self.config) if path else None
+
   def prepare(self, state, batch, frozen):
     """scale_by_std: 1 / std of the first global batch's latents (the reference's recipe)."""
     if not self.config.diffusion.scale_by_std:
@@ -123,8 +139,9 @@ class LatentDiffusionStage(Stage):
   def _grads(self, params, model_state, batch, rng, frozen):
     scale = model_state["scale_factor"]
 
-    def loss_fn(p):
-      loss, per_example, t, z = self.ldm.loss(p, batch, frozen["autoencoder"], scale, rng)
+    def loss_fn(p):   # frozen conditioning weights join p here: no gradient reaches them
+      loss, per_example, t, z = self.ldm.loss(self.ldm.with_frozen(p, frozen), batch,
+                                              frozen["autoencoder"], scale, rng)
       return loss, (per_example, t, z)
 
     (loss, (per_example, t, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -151,7 +168,8 @@ class LatentDiffusionStage(Stage):
 
   def eval_step(self, state, batch, frozen):
     """Held-out denoising loss with fixed noise and timesteps (comparable across evals)."""
-    loss, _, _, _ = self.ldm.loss(self.eval_params(state), batch, frozen["autoencoder"],
+    loss, _, _, _ = self.ldm.loss(self.ldm.with_frozen(self.eval_params(state), frozen),
+                                  batch, frozen["autoencoder"],
                                   state.model_state["scale_factor"], jax.random.PRNGKey(1234),
                                   train=False, p_uncond=0.0)
     return {"loss": loss}
@@ -165,8 +183,8 @@ class LatentDiffusionStage(Stage):
     r_noise, r_sample = jax.random.split(jax.random.PRNGKey(0))
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     x_T = jax.random.normal(r_noise, self.ldm.latent_shape(n))
-    z = self.ldm.sample(self.eval_params(state), frozen["autoencoder"], scale, batch, x_T,
-                        r_sample)
+    z = self.ldm.sample(self.ldm.with_frozen(self.eval_params(state), frozen),
+                        frozen["autoencoder"], scale, batch, x_T, r_sample)
     return batch.get("image"), jnp.clip(self.ldm.decode(frozen["autoencoder"], z, scale),
                                         -1.0, 1.0)
 
@@ -180,3 +198,29 @@ class LatentDiffusionStage(Stage):
   def inference_params(self, state) -> dict:
     params = self.eval_params(state)
     return {"unet": {"params": params["unet"]}, "cond": {"params": params["cond"]}}
+
+
+def pretrained_params(path: str, params: dict, config) -> dict:
+  """The {'unet', 'cond'} weights of the model at `path` (unet.init_from: an export, a stage-2
+  workdir or a diffusers SD folder), checked against `params` (the config's, abstract); a
+  model of another shape stops with one line naming the field."""
+  from ldm_jax.inference import load_pipeline  # pylint: disable=g-import-not-at-top
+  options = {}
+  if config.cond.get("text_tokenizer") == "clip":
+    options["tokenizer"] = config.cond.text_vocab
+  source = load_pipeline(path, sd_options=options)
+  loaded = {"unet": source.params["unet"],
+            "cond": {k: v for k, v in source.params["cond"].items() if k != "clip"}}
+  want = jax.tree_util.tree_map(lambda a: str(tuple(a.shape)), params)
+  got = jax.tree_util.tree_map(lambda a: str(tuple(np.shape(a))), loaded)
+  if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or want != got:
+    flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+    diff = sorted({jax.tree_util.keystr(k) for k in set(flat_want) ^ set(flat_got)} |
+                  {f"{jax.tree_util.keystr(k)} {flat_got[k]} vs {v}"
+                   for k, v in flat_want.items() if k in flat_got and flat_got[k] != v})
+    raise ConfigError(f"unet.init_from: '{path}' ({source.source}) is not this config's model "
+                      f"({len(diff)} difference(s), e.g. {diff[0]}); the unet, cond and data "
+                      f"fields must describe the pretrained model")
+  logger.info("unet.init_from: started from %s", source.source)
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), jax.device_get(loaded))

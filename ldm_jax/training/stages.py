@@ -49,6 +49,13 @@ class Stage:
     every checkpoint and handed back as `facts` on resume."""
     return {}
 
+  def pretrained(self, abstract_params):
+    """Host weights that replace a fresh init's parameters (and EMA), e.g. a model to fine-
+    tune; None keeps the random init. Loaded outside jit, so they are never compile-time
+    constants."""
+    del abstract_params
+    return None
+
   def prepare(self, state, batch, frozen):
     """A one-off transformation of a freshly initialised state (e.g. scale_by_std)."""
     return state

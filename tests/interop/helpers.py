@@ -72,3 +72,28 @@ def vq_noattn_folder(dst: pathlib.Path) -> pathlib.Path:
   state = load_file(str(FIXTURES / "vq" / WEIGHTS))
   save_file({k: v for k, v in state.items() if ".attentions." not in k}, str(dst / WEIGHTS))
   return dst
+
+
+SD = FIXTURES.parent / "sd"
+
+
+def sd_pipeline_folder(root: pathlib.Path, name: str, drop=()) -> pathlib.Path:
+  """A diffusers StableDiffusionPipeline folder of the SD fixture `name` ('sd1': eps, 'sd2': v):
+  the interop fixtures' unet_linear and vae_kl with tests/fixtures/sd's text encoder, tokenizer
+  and scheduler; `drop` leaves parts out."""
+  d = root / name
+  if d.exists():
+    shutil.rmtree(d)
+  parts = {"unet": FIXTURES / "unet_linear", "vae": FIXTURES / "vae_kl",
+           "text_encoder": SD / f"text_encoder_{name}", "tokenizer": SD / f"tokenizer_{name}",
+           "scheduler": SD / "scheduler"}
+  for part, src in parts.items():
+    if part not in drop:
+      shutil.copytree(src, d / part)
+  if "scheduler" not in drop:
+    file = d / "scheduler" / "scheduler_config.json"
+    config = json.loads(file.read_text())
+    config["prediction_type"] = "epsilon" if name == "sd1" else "v_prediction"
+    file.write_text(json.dumps(config))
+  (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+  return d

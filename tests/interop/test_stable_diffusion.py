@@ -19,9 +19,8 @@ from ldm_jax.inference import SampleSettings, load_pipeline
 from ldm_jax.interop import clip, stable_diffusion
 from ldm_jax.interop.convert import main as convert_main
 from ldm_jax.interop.weights import ConversionError, UnsupportedError
-from tests.interop.helpers import FIXTURES, compvis_state, rel_err
+from tests.interop.helpers import FIXTURES, SD, compvis_state, rel_err, sd_pipeline_folder
 
-SD = FIXTURES.parent / "sd"
 PROMPTS = json.loads((SD / "prompts.json").read_text())
 TOL = 1e-4
 # The released families' rules, at fixture size: the fixtures' UNet has 2 heads, their text
@@ -35,26 +34,6 @@ TINY = {"towers": TOWERS, "families": FAMILIES}
 @pytest.fixture(scope="module")
 def reference():
   return load_file(str(SD / "outputs.safetensors"))
-
-
-def pipeline_folder(root: pathlib.Path, name: str, drop=()) -> pathlib.Path:
-  """A diffusers StableDiffusionPipeline folder of fixture `name` ('sd1': eps, 'sd2': v)."""
-  d = root / name
-  if d.exists():
-    shutil.rmtree(d)
-  parts = {"unet": FIXTURES / "unet_linear", "vae": FIXTURES / "vae_kl",
-           "text_encoder": SD / f"text_encoder_{name}", "tokenizer": SD / f"tokenizer_{name}",
-           "scheduler": SD / "scheduler"}
-  for part, src in parts.items():
-    if part not in drop:
-      shutil.copytree(src, d / part)
-  if "scheduler" not in drop:
-    file = d / "scheduler" / "scheduler_config.json"
-    config = json.loads(file.read_text())
-    config["prediction_type"] = "epsilon" if name == "sd1" else "v_prediction"
-    file.write_text(json.dumps(config))
-  (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-  return d
 
 
 def single_file(root: pathlib.Path, name: str) -> pathlib.Path:
@@ -82,7 +61,7 @@ def latents(pipe, x_T):
 
 @pytest.mark.parametrize("name,prediction", [("sd1", "eps"), ("sd2", "v")])
 def test_folder_text_to_image_equals_diffusers(name, prediction, reference, tmp_path):
-  pipe = load_pipeline(str(pipeline_folder(tmp_path, name)))
+  pipe = load_pipeline(str(sd_pipeline_folder(tmp_path, name)))
   assert pipe.config.diffusion.parameterization == prediction
   assert pipe.config.cond.clip_layer == "last" and pipe.scale_factor == 0.5
   z = latents(pipe, reference[f"{name}_x_T"])
@@ -122,7 +101,7 @@ def test_single_files_equal_the_folder(reference, tmp_path):
 
 
 def test_export_and_back_to_a_diffusers_folder(reference, tmp_path, capsys):
-  folder = pipeline_folder(tmp_path, "sd2")
+  folder = sd_pipeline_folder(tmp_path, "sd2")
   convert_main(["sd", "--checkpoint", str(folder), "--out", str(tmp_path / "export")])
   pipe = load_pipeline(str(tmp_path / "export"))
   assert (tmp_path / "export" / "tokenizer" / "vocab.json").is_file()
@@ -151,7 +130,7 @@ def test_export_and_back_to_a_diffusers_folder(reference, tmp_path, capsys):
     (("tokenizer",), "holds no CLIP tokenizer"),
 ])
 def test_incomplete_folders_stop_with_one_line(drop, message, tmp_path):
-  folder = pipeline_folder(tmp_path, "sd1", drop=drop)
+  folder = sd_pipeline_folder(tmp_path, "sd1", drop=drop)
   with pytest.raises((ConversionError, DataError), match=message):
     load_pipeline(str(folder))
 
@@ -178,7 +157,7 @@ def test_bad_single_files_stop_with_one_line(tmp_path):
 def test_sample_py_runs_a_stable_diffusion_folder(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from tests.test_cli_errors import one_error_line, run_cli  # pylint: disable=g-import-not-at-top
-  folder = pipeline_folder(tmp_path, "sd1")
+  folder = sd_pipeline_folder(tmp_path, "sd1")
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("\n".join(PROMPTS["prompts"]) + "\n")
   proc = run_cli(["sample.py", f"--checkpoint={folder}", f"--out={tmp_path}/out",
