@@ -13,11 +13,13 @@ config the architecture this config copies.
 
 The argument after ':' is '[variant][,export]': the export (default exports/sd15; without one
 the config describes SD 1.5 with placeholder paths), optionally preceded by 'tiny,' (the
-test-sized variant: a few steps at the export's own size). Defaults follow common SD fine-tuning practice: AdamW at a
-constant 1e-5 after 500 warm-up steps, batch 32, bfloat16 compute on accelerators with float32
-master weights, EMA 0.9999, 10% of captions dropped for classifier-free guidance, images at the
-model's own size (512 for SD 1.x; set data.image_size=768 for a 768-v model). On pods, shard
-the 860M-parameter UNet with mesh.fsdp (e.g. 8) and trade compute for memory with unet.remat;
+test-sized variant: a few steps at the export's own size).
+
+Defaults follow common SD fine-tuning practice: AdamW at a constant 1e-5 after 500 warm-up
+steps, batch 32, bfloat16 compute on accelerators with float32 master weights, EMA 0.9999, 10%
+of captions dropped for classifier-free guidance, images at the model's own size (512 for SD
+1.x; set data.image_size=768 for a 768-v model). On pods, shard the 860M-parameter UNet with
+mesh.fsdp (e.g. 8) and trade compute for memory with unet.remat;
 first_stage.precompute_latents=True encodes the folder once (centre crops) instead of every
 step.
 """
