@@ -130,6 +130,15 @@ class Conditioner:
                            self.layout_grid)
     return batch["tokens"]
 
+  def clip_context(self, clip_params, batch, drop):
+    """The frozen CLIP encoder's context of the batch's captions; a latent cache's stored
+    contexts (cond.clip_precompute) are used as they are, only the null prompt is encoded."""
+    if "context" not in batch:
+      return self.clip.apply({"params": clip_params}, self.clip_tokens(batch, drop))
+    context = batch["context"].astype(jnp.float32)
+    null = self.clip.apply({"params": clip_params}, self.null_tokens[None])
+    return jnp.where(drop[:, None, None], null.astype(jnp.float32), context)
+
   def clip_tokens(self, batch, drop):
     """The caption tokens, or for dropped examples the null prompt's: batch['null_tokens']
     (negative prompts) when given, else the empty prompt's (Stable Diffusion's null)."""
@@ -161,8 +170,7 @@ class Conditioner:
       out["context"] = self.class_embedder.apply({"params": params["class"]}, batch["label"],
                                                  drop)
     if self.clip is not None:   # frozen: its params ride in params['cond']['clip']
-      out["context"] = self.clip.apply({"params": params["clip"]},
-                                       self.clip_tokens(batch, drop))
+      out["context"] = self.clip_context(params["clip"], batch, drop)
     if self.text is not None:
       rngs = {"dropout": rng} if train and rng is not None else None
       out["context"], out["context_mask"] = self.text.apply(

@@ -374,6 +374,12 @@ _LDM = {
                           "diffusers Stable Diffusion folder (its text_encoder/), a transformers "
                           "CLIPTextModel folder, or an ldm_jax export of a Stable Diffusion "
                           "model."),
+        "clip_precompute": F(False, "text_encoder='clip' with "
+                             "first_stage.precompute_latents: the latent cache also stores each "
+                             "example's caption tokens and CLIP context (first_stage."
+                             "latent_dtype), so training runs no text encoder; dropped captions "
+                             "get the empty prompt's context. Costs 77 x width values per "
+                             "example on disk (118 KB in bfloat16 for SD 1.x)."),
         "clip_layer": F("last", "text_encoder='clip': which layer's output (final LayerNorm "
                         "applied) is the context: 'last' (SD 1.x) or 'penultimate' (SD 2.x's "
                         "OpenCLIP; diffusers' clip_skip=1).", choices=("last", "penultimate")),

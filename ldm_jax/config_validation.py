@@ -125,6 +125,9 @@ def check_first_stage(config) -> None:
       and cond.concat == "inpaint"):
     raise ConfigError("first_stage.precompute_latents: inpainting encodes a freshly masked "
                       "image every step; train it with on-the-fly encoding (set it False)")
+  if cond.get("clip_precompute", False) and not fs.precompute_latents:
+    raise ConfigError("cond.clip_precompute: CLIP contexts are stored in the latent cache; set "
+                      "first_stage.precompute_latents=True too (or clip_precompute=False)")
 
 
 # The consistency checks of each stage, in the order they run.

@@ -42,9 +42,17 @@ def concat_kind(cond_config) -> str:
   return cond_config.concat if cond_config.type in ("concat", "hybrid") else ""
 
 
+def caches_context(cond_config) -> bool:
+  """Whether a latent cache stores caption tokens and their frozen CLIP context."""
+  return (context_kind(cond_config) == "text" and cond_config.get("clip_precompute", False)
+          and cond_config.get("text_encoder", "transformer") == "clip")
+
+
 def cached_conditions(cond_config) -> str:
   """What a latent cache stores besides latents and labels (part of its fingerprint)."""
   concat = concat_kind(cond_config)
+  if caches_context(cond_config):
+    return f"{concat}+clip_context:{cond_config.clip_layer}"
   return f"{concat}+boxes" if context_kind(cond_config) == "layout" else concat
 
 
@@ -93,7 +101,7 @@ def _flip(out: dict, keys) -> dict:
 def cached_example(example: dict, rng: np.random.Generator, *, flip: bool) -> dict:
   """A latent-cache entry -> a training example; a flip flips latent and conditions alike."""
   out = {"latent": np.asarray(example["latent"])}   # 16-bit stays so: the step converts
-  for key in ("lowres", "segmentation", "boxes", "box_classes"):
+  for key in ("lowres", "segmentation", "boxes", "box_classes", "tokens", "context"):
     if key in example:
       out[key] = np.asarray(example[key])
   if flip and rng.random() < 0.5:
@@ -134,7 +142,7 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
     if not layout:
       for key in ("boxes", "box_classes"):
         out.pop(key, None)
-    if tokenizer is not None:
+    if tokenizer is not None and "tokens" not in out:   # (a cache may hold them)
       out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
     if concat == "inpaint":   # the folder's own mask (data.mask_dir), else a random one
       mask = out.pop("mask", None)
@@ -148,17 +156,22 @@ def route_example_fn(config, *, train: bool, latent_size: int, tokenizer=None):
   return fn
 
 
-def cache_example_fn(config, *, latent_size: int):
+def cache_example_fn(config, *, latent_size: int, tokenizer=None):
   """fn(raw example, rng) -> the centre-cropped image plus the spatial conditions the route
-  stores in a latent cache (see CACHED_CONDITIONS)."""
+  stores in a latent cache (see CACHED_CONDITIONS), and the caption's tokens when the cache
+  holds CLIP contexts (cond.clip_precompute; the cache's encoder turns them into contexts)."""
   image_fn = image_example_fn(config.data, train=False)
   concat = concat_kind(config.cond)
   boxes = ("boxes", "box_classes") if context_kind(config.cond) == "layout" else ()
+  tokens = caches_context(config.cond)
 
   def fn(example, rng):
     out = image_fn(example, rng)
     out.update(spatial_conditions(config.cond, out["image"], latent_size, rng))
-    keep = {"image", "label", *CACHED_CONDITIONS.get(concat, ()), *boxes}
+    if tokens:
+      out["tokens"] = tokenizer.encode([example.get("caption", "")])[0]
+    keep = {"image", "label", *CACHED_CONDITIONS.get(concat, ()), *boxes,
+            *(("tokens",) if tokens else ())}
     return {k: v for k, v in out.items() if k in keep}   # no masks or boxes nobody reads
 
   return fn

@@ -120,6 +120,8 @@ class LatentCacheSource(Source):
       shard["label"] = np.load(os.path.join(folder, "labels.npy"))
     for name in self.conditions:
       shard[name] = np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
+      if name == "context" and self.dtype != np.float32:   # stored like the latents
+        shard[name] = shard[name].view(self.dtype)
     if self.info.get("captioned"):
       shard["caption"] = _read_json(os.path.join(folder, "captions.json"))
     with self._lock:
@@ -189,7 +191,8 @@ def _write_shard(directory: str, k: int, arrays: dict[str, np.ndarray], captions
 def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
                        fingerprint: dict, global_batch: int, batch_sharding, num_classes: int,
                        shard_size: int = 4096, dtype: str = "bfloat16", workers: int = 0,
-                       prefetch: int = 2, on_bad_image: str = "error") -> LatentCacheSource:
+                       prefetch: int = 2, on_bad_image: str = "error",
+                       context_fn=None) -> LatentCacheSource:
   """Encodes every example of `source` (in order) into shards, unless a finished matching
   cache exists; resumes an interrupted build of the same fingerprint.
 
@@ -197,6 +200,8 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   [-1, 1] whether example_fn returns uint8 or float images. Every array example_fn returns
   besides 'image' and 'label' (a spatial condition) is stored too, as <name>.npy. Images are
   read ahead by `prefetch` threads or `workers` processes (data.workers, data.prefetch).
+  context_fn(tokens) -> contexts (a frozen text encoder, traced like encode_fn) stores each
+  example's 'context' too, from the 'tokens' example_fn returns.
   """
   if dtype not in DTYPES:
     raise ConfigError(f"first_stage.latent_dtype: '{dtype}' is not one of {sorted(DTYPES)}")
@@ -238,6 +243,7 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
   store = DTYPES[dtype]
   encode = jax.jit(lambda x: encode_fn(preprocess.model_inputs({"image": x})["image"])
                    .astype(store))
+  contexts = None if context_fn is None else jax.jit(lambda t: context_fn(t).astype(store))
   captioned = "caption" in source[0]
   # Batches start at multiples of global_batch whatever is missing, so a resumed build encodes
   # every example in the same batch as an uninterrupted one; a batch that straddles two
@@ -257,6 +263,8 @@ def build_latent_cache(directory: str, source: Source, example_fn, encode_fn, *,
     for j, local in zip(plan, reader):
       encoded = encode(to_global({"image": local["image"]}, batch_sharding)["image"])
       batch = {"latents": encoded}
+      if contexts is not None:
+        batch["context"] = contexts(to_global({"t": local["tokens"]}, batch_sharding)["t"])
       if "label" in local:
         batch["labels"] = local["label"]
       batch.update({key: v for key, v in local.items() if key not in ("image", "label")

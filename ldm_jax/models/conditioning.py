@@ -177,6 +177,20 @@ def check_conditioning_config(config) -> None:
   if context in ("text", "layout") and (cond.text_heads <= 0 or cond.embed_dim % cond.text_heads):
     raise ConfigError(f"cond.text_heads ({cond.text_heads}) must divide cond.embed_dim "
                       f"({cond.embed_dim})")
+  clip = cond.get("text_encoder", "transformer") == "clip"
+  if clip and context != "text":
+    raise ConfigError(f"cond.text_encoder='clip': only text conditioning reads a CLIP encoder "
+                      f"(cond.type is '{cond.type}')")
+  if cond.get("clip_precompute", False) and not clip:
+    raise ConfigError("cond.clip_precompute: only a frozen CLIP text encoder's contexts can be "
+                      "precomputed (cond.text_encoder='clip')")
+  if clip and (cond.text_tokenizer != "clip" or not cond.clip_weights):
+    raise ConfigError("cond.text_encoder='clip' needs cond.text_tokenizer='clip' with "
+                      "cond.text_vocab (the tokenizer folder) and cond.clip_weights (a Stable "
+                      "Diffusion folder or export)")
+  if cond.text_tokenizer == "clip" and not clip and context == "text":
+    raise ConfigError("cond.text_tokenizer='clip' is CLIP's tokenizer, for "
+                      "cond.text_encoder='clip'")
   if context == "text":
     if cond.text_tokenizer == "vocab" and not cond.text_vocab:
       raise ConfigError("cond.text_vocab: text conditioning with text_tokenizer='vocab' needs "

@@ -97,9 +97,16 @@ class LatentDiffusionStage(Stage):
     variables = jax.device_put(self.first.variables, replicated)
     encode = jax.jit(self.first.moments, in_shardings=(replicated, batch), out_shardings=batch)
     logger.info("latent cache: %s", directory)
+    context_fn = None
+    if conditions.caches_context(c.cond):   # the frozen CLIP's contexts, stored per example
+      clip_params = jax.device_put(self.frozen["text_encoder"], replicated)
+      clip = jax.jit(lambda v, t: self.ldm.cond.clip.apply({"params": v}, t),
+                     in_shardings=(replicated, batch), out_shardings=batch)
+      context_fn = lambda t: clip(clip_params, t)  # noqa: E731
     return build_latent_cache(
-        directory, source, conditions.cache_example_fn(c, latent_size=self.latent_size),
-        lambda x: encode(variables, x), fingerprint=fingerprint,
+        directory, source, conditions.cache_example_fn(c, latent_size=self.latent_size,
+                                                       tokenizer=self.tokenizer),
+        lambda x: encode(variables, x), fingerprint=fingerprint, context_fn=context_fn,
         global_batch=c.train.batch_size, batch_sharding=batch,
         num_classes=self.ldm.num_classes, shard_size=c.first_stage.latent_shard_size,
         dtype=c.first_stage.latent_dtype, prefetch=c.data.prefetch,

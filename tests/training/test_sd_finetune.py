@@ -74,3 +74,35 @@ def test_a_pretrained_model_of_another_shape_is_named(sd_export, tmp_path):
   with pytest.raises(ConfigError, match="unet.init_from: .* is not this config's model"):
     trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     trainer.close()
+
+
+def test_precomputed_clip_contexts_are_the_encoders(sd_export, tmp_path):
+  """cond.clip_precompute: the latent cache stores each caption's tokens and CLIP context;
+  training reads them (no text encoder per step) and dropped captions get the empty prompt's."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ldm_jax.data.latent_cache import LatentCacheSource  # pylint: disable=g-import-not-at-top
+  export, data = sd_export
+  config = load_config("sd15_finetune", f"tiny,{export}")
+  config.data.path = data
+  config.first_stage.precompute_latents, config.cond.clip_precompute = True, True
+  trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  try:
+    history = trainer.train()
+    cond = trainer.stage.ldm.cond
+    clip_params = jax.device_get(trainer.frozen["text_encoder"])
+  finally:
+    trainer.close()
+  assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+  cache = LatentCacheSource(str(tmp_path / "run" / "latents"))
+  assert {"tokens", "context"} <= set(cache.conditions)
+  examples = [cache[i] for i in range(4)]
+  batch = {"tokens": jnp.asarray(np.stack([e["tokens"] for e in examples])),
+           "context": jnp.asarray(np.stack([e["context"] for e in examples]))}
+  assert batch["context"].dtype == jnp.bfloat16
+  drop = jnp.asarray([False, True, False, True])
+  cached = cond.clip_context(clip_params, batch, drop)
+  fresh = cond.clip_context(clip_params, {"tokens": batch["tokens"]}, drop)
+  scale = float(jnp.max(jnp.abs(fresh)))
+  assert float(jnp.max(jnp.abs(cached - fresh))) < 1e-2 * scale     # bfloat16 storage
+  np.testing.assert_allclose(np.asarray(cached[1]), np.asarray(fresh[1]), atol=1e-5)  # the null
+  assert float(jnp.max(jnp.abs(fresh[0] - fresh[1]))) > 0.1 * scale

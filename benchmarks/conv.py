@@ -1,0 +1,90 @@
+"""3x3 convolutions on the CPU: XLA's convolution against the same convolution written as
+matmuls (im2col: the 9 shifted copies of the input side by side, one (9C, C') matmul; and
+shifted: 9 (C, C') matmuls summed), forward and forward+backward, same numbers.
+
+  python benchmarks/conv.py [--repeats=5] [--json=out.json]
+
+Why: convolutions were 57% of the ImageNet UNet's fwd+bwd time on this CPU, and XLA's CPU
+convolution ran slower than torch's oneDNN one (benchmarks/RESULTS.md). A formulation that XLA
+turns into its (faster) dot kernels would close part of the gap. Prints ms per call, best of
+`repeats`, and each variant's time relative to XLA's convolution.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = ((8, 32, 32, 256, 256), (8, 16, 16, 512, 512), (8, 8, 8, 1024, 1024),
+          (8, 32, 32, 4, 256))
+
+
+def conv_xla(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _shifts(x):
+  p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  h, w = x.shape[1:3]
+  return [p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+
+
+def conv_im2col(x, w):
+  cols = jnp.concatenate(_shifts(x), axis=-1)
+  return jnp.einsum("bhwk,ko->bhwo", cols, w.reshape(-1, w.shape[-1]))
+
+
+def conv_shifted(x, w):
+  taps = w.reshape(9, w.shape[2], w.shape[3])
+  return sum(jnp.einsum("bhwc,co->bhwo", s, taps[k]) for k, s in enumerate(_shifts(x)))
+
+
+VARIANTS = {"xla": conv_xla, "im2col": conv_im2col, "shifted": conv_shifted}
+
+
+def _time(fn, args, repeats):
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best * 1e3
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+  rows = []
+  for b, h, w, c, o in SHAPES:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, c, o)) / np.sqrt(9 * c), jnp.float32)
+    ref = conv_xla(x, k)
+    row = {"shape": f"{b}x{h}x{w}x{c}->{o}"}
+    for name, fn in VARIANTS.items():
+      err = float(jnp.max(jnp.abs(fn(x, k) - ref)) / jnp.max(jnp.abs(ref)))
+      fwd = jax.jit(fn)
+      both = jax.jit(jax.value_and_grad(lambda a, b_, f=fn: jnp.sum(f(a, b_) ** 2),
+                                        argnums=(0, 1)))
+      row[name] = {"fwd_ms": _time(fwd, (x, k), args.repeats),
+                   "fwd_bwd_ms": _time(both, (x, k), args.repeats), "rel_err": err}
+    rows.append(row)
+    base = row["xla"]
+    print(row["shape"] + "  " + "  ".join(
+        f"{n}: {row[n]['fwd_ms']:.1f}/{row[n]['fwd_bwd_ms']:.1f} ms "
+        f"({row[n]['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x)" for n in VARIANTS), flush=True)
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"devices": str(jax.devices()), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
