@@ -21,7 +21,7 @@ of captions dropped for classifier-free guidance, images at the model's own size
 1.x; set data.image_size=768 for a 768-v model). On pods, shard the 860M-parameter UNet with
 mesh.fsdp (e.g. 8) and trade compute for memory with unet.remat;
 first_stage.precompute_latents=True encodes the folder once (centre crops) instead of every
-step.
+step, and cond.clip_precompute=True stores the captions' CLIP contexts with the latents.
 """
 import json
 import os
