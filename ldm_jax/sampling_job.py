@@ -113,7 +113,8 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     with open(path, encoding="utf-8") as f:
       existing = json.load(f)
     existing.setdefault("dtype", resolve_dtype(trained_dtype) if trained_dtype else spec["dtype"])
-    existing.setdefault("negative_prompt", None)   # jobs from before the field
+    if "negative_prompt" in spec:                  # sampling jobs from before the field
+      existing.setdefault("negative_prompt", None)
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = f" (or rerun with --dtype={existing['dtype']})" if diff == ["dtype"] else ""
