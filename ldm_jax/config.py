@@ -164,7 +164,7 @@ _COMMON = {
                                "their images) over `fid_samples` held-out images. '' = off."),
         "fid_samples": F(1000, "Held-out images per (r)FID, rounded up to whole batches; the "
                          "same ones (and the same noise) at every evaluation."),
-        "num_summary_images": F(8, "Images per image summary."),
+        "num_summary_images": F(8, "Images per image summary (0 = no image summaries)."),
     },
 }
 

@@ -72,7 +72,7 @@ def slices_per_group(slices: int, lq: int, lk: int, budget_bytes: int) -> int:
   """The largest divisor of `slices` whose float32 (Lq, Lk) logits fit in `budget_bytes`
   together (at least 1)."""
   fit = max(1, budget_bytes // (4 * lq * lk))
-  return max(d for d in range(1, min(fit, slices) + 1) if slices % d == 0)
+  return max((d for d in range(1, min(fit, slices) + 1) if slices % d == 0), default=1)
 
 
 def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):

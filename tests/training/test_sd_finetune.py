@@ -78,14 +78,18 @@ def test_a_pretrained_model_of_another_shape_is_named(sd_export, tmp_path):
 
 def test_precomputed_clip_contexts_are_the_encoders(sd_export, tmp_path):
   """cond.clip_precompute: the latent cache stores each caption's tokens and CLIP context;
-  training reads them (no text encoder per step) and dropped captions get the empty prompt's."""
+  training reads them (no text encoder per step; bfloat16, sharded) and dropped captions get
+  the empty prompt's."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ldm_jax.data.latent_cache import LatentCacheSource  # pylint: disable=g-import-not-at-top
   export, data = sd_export
   config = load_config("sd15_finetune", f"tiny,{export}")
   config.data.path = data
   config.first_stage.precompute_latents, config.cond.clip_precompute = True, True
-  trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  # as the real recipe runs: bfloat16 compute, parameters sharded over two devices
+  config.train.compute_dtype, config.mesh.fsdp = "bfloat16", 2
+  config.train.num_summary_images = 0
+  trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:2])
   try:
     history = trainer.train()
     cond = trainer.stage.ldm.cond
