@@ -380,7 +380,8 @@ class Trainer:
           self.save(step, force=True)
         if self.eval_source is not None and (step % t.eval_every == 0 or step == t.num_steps):
           self.evaluate(step)
-        if t.image_every and t.num_summary_images and (step % t.image_every == 0 or step == t.num_steps):
+        images = t.image_every and t.num_summary_images
+        if images and (step % t.image_every == 0 or step == t.num_steps):
           self.write_images(step, self._summary_batch(batch))
         if stop:
           break
