@@ -1,8 +1,14 @@
 """3x3 convolutions on the CPU: XLA's convolution against the same convolution written as
 matmuls (im2col: the 9 shifted copies of the input side by side, one (9C, C') matmul; and
-shifted: 9 (C, C') matmuls summed), forward and forward+backward, same numbers.
+shifted: 9 (C, C') matmuls summed), and ldm_jax's CPU conv (models/cpu_conv.py: XLA's forward,
+im2col's gradients), forward and forward+backward.
 
   python benchmarks/conv.py [--repeats=5] [--json=out.json]
+  python benchmarks/conv.py --unet=imagenet [--batch=8] [--repeats=3]
+
+The second form times one fwd+bwd of a whole UNet (vs_pytorch.py's models) with XLA's conv
+gradients and with ldm_jax's CPU conv, compiled in one process and timed in alternation, so
+both see the same machine load.
 
 Why: convolutions were 57% of the ImageNet UNet's fwd+bwd time on this CPU, and XLA's CPU
 convolution ran slower than torch's oneDNN one (benchmarks/RESULTS.md). A formulation that XLA
@@ -13,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ldm_jax.models import cpu_conv
 
 SHAPES = ((8, 32, 32, 256, 256), (8, 16, 16, 512, 512), (8, 8, 8, 1024, 1024),
           (8, 32, 32, 4, 256))
@@ -44,7 +54,12 @@ def conv_shifted(x, w):
   return sum(jnp.einsum("bhwc,co->bhwo", s, taps[k]) for k, s in enumerate(_shifts(x)))
 
 
-VARIANTS = {"xla": conv_xla, "im2col": conv_im2col, "shifted": conv_shifted}
+def conv_ldm(x, w):
+  return cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+VARIANTS = {"xla": conv_xla, "im2col": conv_im2col, "shifted": conv_shifted, "ldm_jax": conv_ldm}
 
 
 def _time(fn, args, repeats):
@@ -57,11 +72,60 @@ def _time(fn, args, repeats):
   return best * 1e3
 
 
+def unet_ab(name: str, batch: int, repeats: int) -> dict:
+  """Median fwd+bwd seconds of the UNet with XLA's conv gradients and with cpu_conv's."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from vs_pytorch import CONTEXT, LATENT, MODELS  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
+  module = UNet(in_channels=LATENT[2], out_channels=LATENT[2], use_spatial_transformer=True,
+                **MODELS[name])
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch,) + LATENT), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 1000, (batch,)))
+  ctx = jnp.asarray(rng.standard_normal((batch, 1, CONTEXT)), jnp.float32)
+  params = jax.jit(module.init)(jax.random.PRNGKey(0), x, t, ctx)
+
+  def compiled(use_cpu_conv: bool):
+    original = cpu_conv.for_backend
+    if not use_cpu_conv:
+      cpu_conv.for_backend = lambda: None      # traced now: XLA's own conv gradients
+    try:
+      grad = jax.jit(jax.grad(lambda p: jnp.mean(module.apply(p, x, t, ctx) ** 2)))
+      start = time.perf_counter()
+      grad = grad.lower(params).compile()
+      return grad, time.perf_counter() - start
+    finally:
+      cpu_conv.for_backend = original
+
+  fns = {"xla": compiled(False), "ldm_jax": compiled(True)}
+  times = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, (fn, _) in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params))
+      times[k].append(time.perf_counter() - start)
+  out = {"model": name, "batch": batch, "repeats": repeats,
+         **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+         **{f"{k}_compile_s": c for k, (_, c) in fns.items()}}
+  out["ratio"] = out["ldm_jax_s"] / out["xla_s"]
+  print(json.dumps(out), flush=True)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--json", default="")
+  parser.add_argument("--unet", default="", help="imagenet|small: the whole-UNet A/B instead")
+  parser.add_argument("--batch", type=int, default=8)
   args = parser.parse_args()
+  if args.unet:
+    result = unet_ab(args.unet, args.batch, args.repeats)
+    if args.json:
+      with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return
   rows = []
   for b, h, w, c, o in SHAPES:
     rng = np.random.default_rng(0)

@@ -1,0 +1,94 @@
+"""A convolution with a faster CPU backward pass: XLA's convolution forward, and the gradients
+of the same convolution written as one matmul of the input's shifted copies (im2col).
+
+Why: XLA's CPU convolution gradients (input and kernel) ran 3-6x its forward time and were most
+of the conv time in the UNet's fwd+bwd; the matmul form's gradients are XLA dot kernels. The
+ImageNet UNet's fwd+bwd took 0.85x the time (benchmarks/conv.py --unet, RESULTS.md).
+Accelerators keep XLA's own gradient. Same numbers either way, up to float rounding.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Narrower convolutions keep XLA's gradients: 4 -> 256 channels ran 1.2x slower this way, and
+# small models (the tests') gain nothing worth the longer compile.
+MIN_CHANNELS = 128
+
+
+def _pads(padding, kernel_hw) -> tuple[tuple[int, int], ...] | None:
+  """Explicit (lo, hi) pads of a stride-1 conv, or None for a padding this form does not take."""
+  if padding == "VALID":
+    return ((0, 0), (0, 0))
+  if padding == "SAME":
+    return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_hw)
+  if isinstance(padding, str):
+    return None
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _xla(x, w, pads):
+  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w, pads):
+  return _xla(x, w, pads)
+
+
+def _conv_fwd(x, w, pads):
+  return _xla(x, w, pads), (x, w)
+
+
+def _patch_matmul(x, w, pads):
+  """The same convolution as one matmul of the input's kh*kw shifted copies (im2col)."""
+  kh, kw = w.shape[:2]
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  h, wd = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  patches = jnp.concatenate([xp[:, i:i + h, j:j + wd] for i in range(kh) for j in range(kw)],
+                            axis=-1)                                   # (B, H, W, kh*kw*C)
+  return jnp.einsum("bhwk,ko->bhwo", patches, w.reshape(-1, w.shape[-1]))
+
+
+def _conv_bwd(pads, res, dy):
+  x, w = res
+  _, vjp = jax.vjp(lambda a, b: _patch_matmul(a, b, pads), x, w)
+  return vjp(dy)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kw):
+  """lax.conv_general_dilated's signature (what flax's nn.Conv calls): stride-1, undilated,
+  ungrouped NHWC convolutions of kernels larger than 1x1 with MIN_CHANNELS or more input
+  channels take the patch-matmul gradients; everything else is lax.conv_general_dilated."""
+  pads = _pads(padding, rhs.shape[:2])
+  plain = (tuple(window_strides) == (1, 1) and pads is not None and lhs.ndim == 4
+           and not any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+           and feature_group_count == 1 and precision is None and not kw
+           and rhs.shape[0] * rhs.shape[1] > 1 and rhs.shape[2] >= MIN_CHANNELS
+           and (dimension_numbers is None or _is_nhwc(dimension_numbers)))
+  if not plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kw)
+  return _conv(lhs, rhs, pads)
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return dimension_numbers == lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+  return tuple(dimension_numbers) == _NHWC
+
+
+def for_backend() -> object | None:
+  """The conv function nn.Conv should use here: this one on a CPU, XLA's (None) elsewhere."""
+  return conv_general_dilated if jax.default_backend() == "cpu" else None

@@ -1,0 +1,53 @@
+"""models/cpu_conv.py: the CPU convolution's gradients (im2col matmuls) equal XLA's own, and the
+convolutions it does not take go to XLA unchanged."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ldm_jax.models import cpu_conv, layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+C = cpu_conv.MIN_CHANNELS
+
+
+def _grads(conv, x, w, strides, padding):
+  def loss(a, b):
+    return jnp.sum(jnp.sin(conv(a, b, strides, padding, dimension_numbers=NHWC)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+
+def _takes_it(x, w, strides=(1, 1), padding="SAME"):
+  jaxpr = jax.make_jaxpr(lambda a: cpu_conv.conv_general_dilated(
+      a, w, strides, padding, dimension_numbers=NHWC))(x)
+  return "custom_vjp" in str(jaxpr)
+
+
+@pytest.mark.parametrize("kernel,padding", [
+    (3, "SAME"), (3, ((1, 1), (1, 1))), (3, "VALID"), (3, ((0, 1), (2, 0))), (4, "SAME")])
+def test_value_and_gradients_equal_xla(kernel, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 9, C)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, C, 6)) / np.sqrt(C), jnp.float32)
+  assert _takes_it(x, w, padding=padding)
+  (got, got_g), (want, want_g) = (_grads(f, x, w, (1, 1), padding) for f in
+                                  (cpu_conv.conv_general_dilated, lax.conv_general_dilated))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for g, r in zip(got_g, want_g):
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+
+def test_strided_1x1_and_narrow_convolutions_keep_xla():
+  x = jnp.ones((1, 4, 4, C))
+  assert not _takes_it(x, jnp.ones((3, 3, C, 2)), strides=(2, 2))
+  assert not _takes_it(x, jnp.ones((1, 1, C, 2)))
+  assert not _takes_it(x[..., :C - 1], jnp.ones((3, 3, C - 1, 2)))
+
+
+def test_model_convs_use_it_on_the_cpu():
+  assert jax.default_backend() == "cpu"
+  conv = layers.conv(4)
+  assert isinstance(conv, nn.Conv)
+  assert conv.conv_general_dilated is cpu_conv.conv_general_dilated
