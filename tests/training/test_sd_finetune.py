@@ -76,20 +76,22 @@ def test_a_pretrained_model_of_another_shape_is_named(sd_export, tmp_path):
     trainer.close()
 
 
-def test_precomputed_clip_contexts_are_the_encoders(sd_export, tmp_path):
+# The recipe's run (bfloat16, fsdp=2) costs ~40 s more than one float32 device: -m slow.
+@pytest.mark.parametrize("dtype,fsdp", [("float32", 1),
+                                        pytest.param("bfloat16", 2, marks=pytest.mark.slow)])
+def test_precomputed_clip_contexts_are_the_encoders(sd_export, tmp_path, dtype, fsdp):
   """cond.clip_precompute: the latent cache stores each caption's tokens and CLIP context;
-  training reads them (no text encoder per step; bfloat16, sharded) and dropped captions get
-  the empty prompt's."""
+  training reads them (no text encoder per step; also in bfloat16, sharded) and dropped
+  captions get the empty prompt's."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ldm_jax.data.latent_cache import LatentCacheSource  # pylint: disable=g-import-not-at-top
   export, data = sd_export
   config = load_config("sd15_finetune", f"tiny,{export}")
   config.data.path = data
   config.first_stage.precompute_latents, config.cond.clip_precompute = True, True
-  # as the real recipe runs: bfloat16 compute, parameters sharded over two devices
-  config.train.compute_dtype, config.mesh.fsdp = "bfloat16", 2
+  config.train.compute_dtype, config.mesh.fsdp = dtype, fsdp    # fsdp over `fsdp` devices
   config.train.num_summary_images = 0
-  trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:2])
+  trainer = Trainer(config, str(tmp_path / "run"), devices=jax.devices()[:fsdp])
   try:
     history = trainer.train()
     cond = trainer.stage.ldm.cond
