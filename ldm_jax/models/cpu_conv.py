@@ -21,15 +21,11 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 MIN_CHANNELS = 128
 
 
-def _pads(padding, kernel_hw) -> tuple[tuple[int, int], ...] | None:
-  """Explicit (lo, hi) pads of a stride-1 conv, or None for a padding this form does not take."""
-  if padding == "VALID":
-    return ((0, 0), (0, 0))
-  if padding == "SAME":
-    return tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_hw)
+def _pads(lhs, rhs, padding) -> list[tuple[int, int]]:
+  """Explicit (lo, hi) pads of a stride-1 NHWC conv ('SAME'/'VALID' resolved as lax does)."""
   if isinstance(padding, str):
-    return None
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
+    return lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+  return [(int(lo), int(hi)) for lo, hi in padding]
 
 
 def _xla(x, w, pads):
@@ -45,7 +41,7 @@ def _conv_fwd(x, w, pads):
   return _xla(x, w, pads), (x, w)
 
 
-def _patch_matmul(x, w, pads):
+def patch_matmul(x, w, pads):
   """The same convolution as one matmul of the input's kh*kw shifted copies (im2col)."""
   kh, kw = w.shape[:2]
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -57,7 +53,7 @@ def _patch_matmul(x, w, pads):
 
 def _conv_bwd(pads, res, dy):
   x, w = res
-  _, vjp = jax.vjp(lambda a, b: _patch_matmul(a, b, pads), x, w)
+  _, vjp = jax.vjp(lambda a, b: patch_matmul(a, b, pads), x, w)
   return vjp(dy)
 
 
@@ -70,23 +66,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls): stride-1, undilated,
   ungrouped NHWC convolutions of kernels larger than 1x1 with MIN_CHANNELS or more input
   channels take the patch-matmul gradients; everything else is lax.conv_general_dilated."""
-  pads = _pads(padding, rhs.shape[:2])
-  plain = (tuple(window_strides) == (1, 1) and pads is not None and lhs.ndim == 4
-           and not any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+  dims = functools.partial(lax.conv_dimension_numbers, lhs.shape, rhs.shape)
+  plain = (lhs.ndim == 4 and dims(dimension_numbers) == dims(_NHWC)
+           and tuple(window_strides) == (1, 1)
+           and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
            and feature_group_count == 1 and precision is None and not kw
-           and rhs.shape[0] * rhs.shape[1] > 1 and rhs.shape[2] >= MIN_CHANNELS
-           and (dimension_numbers is None or _is_nhwc(dimension_numbers)))
+           and rhs.shape[0] * rhs.shape[1] > 1 and rhs.shape[2] >= MIN_CHANNELS)
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kw)
-  return _conv(lhs, rhs, pads)
-
-
-def _is_nhwc(dimension_numbers) -> bool:
-  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
-    return dimension_numbers == lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
-  return tuple(dimension_numbers) == _NHWC
+  return _conv(lhs, rhs, tuple(_pads(lhs, rhs, padding)))
 
 
 def for_backend() -> object | None:

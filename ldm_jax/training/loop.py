@@ -336,6 +336,7 @@ class Trainer:
     pending: list[tuple[int, Any]] = []   # per-step metrics still on device
     history: list[dict[str, float]] = []
     stop = False
+    images = t.image_every and t.num_summary_images   # 0 of either: no image summaries
     logger.info("training %s from step %d to %d in %s", self.stage.name, step, t.num_steps,
                 self.workdir)
     def log(step: int, host: list):
@@ -380,7 +381,6 @@ class Trainer:
           self.save(step, force=True)
         if self.eval_source is not None and (step % t.eval_every == 0 or step == t.num_steps):
           self.evaluate(step)
-        images = t.image_every and t.num_summary_images
         if images and (step % t.image_every == 0 or step == t.num_steps):
           self.write_images(step, self._summary_batch(batch))
         if stop:
