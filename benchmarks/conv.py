@@ -1,14 +1,15 @@
 """3x3 convolutions on the CPU: XLA's convolution against the same convolution written as
 matmuls (im2col: the 9 shifted copies of the input side by side, one (9C, C') matmul; and
-shifted: 9 (C, C') matmuls summed), and ldm_jax's CPU conv (models/cpu_conv.py: XLA's forward,
-im2col's gradients), forward and forward+backward.
+shifted: 9 (C, C') matmuls summed), and ldm_jax's CPU conv (models/cpu_conv.py: im2col's
+gradients; im2col's forward on maps of 8x8 or smaller, XLA's on larger ones), forward and
+forward+backward.
 
   python benchmarks/conv.py [--repeats=5] [--json=out.json]
   python benchmarks/conv.py --unet=imagenet [--batch=8] [--repeats=3]
 
-The second form times one fwd+bwd of a whole UNet (vs_pytorch.py's models) with XLA's conv
-gradients and with ldm_jax's CPU conv, compiled in one process and timed in alternation, so
-both see the same machine load.
+The second form times one fwd+bwd and one forward of a whole UNet (vs_pytorch.py's models) with
+XLA's convolution and with ldm_jax's CPU conv, compiled in one process and timed in alternation,
+so both see the same machine load.
 
 Why: convolutions were 57% of the ImageNet UNet's fwd+bwd time on this CPU, and XLA's CPU
 convolution ran slower than torch's oneDNN one (benchmarks/RESULTS.md). A formulation that XLA
@@ -30,7 +31,7 @@ import numpy as np
 from ldm_jax.models import cpu_conv
 
 SHAPES = ((8, 32, 32, 256, 256), (8, 16, 16, 512, 512), (8, 8, 8, 1024, 1024),
-          (8, 32, 32, 4, 256))
+          (4, 8, 8, 1024, 1024), (8, 4, 4, 1024, 1024), (8, 32, 32, 4, 256))
 
 
 def conv_xla(x, w):
@@ -72,7 +73,8 @@ def _time(fn, args, repeats):
 
 
 def unet_ab(name: str, batch: int, repeats: int) -> dict:
-  """Median fwd+bwd seconds of the UNet with XLA's conv gradients and with cpu_conv's."""
+  """Median fwd+bwd and forward seconds of the UNet with XLA's convolution and with cpu_conv's
+  (fwd+bwd compile time reported)."""
   import statistics  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from vs_pytorch import CONTEXT, LATENT, MODELS  # pylint: disable=g-import-not-at-top
@@ -88,25 +90,30 @@ def unet_ab(name: str, batch: int, repeats: int) -> dict:
   def compiled(use_cpu_conv: bool):
     original = cpu_conv.for_backend
     if not use_cpu_conv:
-      cpu_conv.for_backend = lambda: None      # traced now: XLA's own conv gradients
+      cpu_conv.for_backend = lambda: None      # traced now: XLA's own convolution
     try:
       grad = jax.jit(jax.grad(lambda p: jnp.mean(module.apply(p, x, t, ctx) ** 2)))
+      fwd = jax.jit(lambda p: module.apply(p, x, t, ctx))
       start = time.perf_counter()
       grad = grad.lower(params).compile()
-      return grad, time.perf_counter() - start
+      seconds = time.perf_counter() - start
+      return {"fwd_bwd": grad, "fwd": fwd.lower(params).compile()}, seconds
     finally:
       cpu_conv.for_backend = original
 
   fns = {"xla": compiled(False), "ldm_jax": compiled(True)}
-  times = {k: [] for k in fns}
+  times = {(k, p): [] for k in fns for p in ("fwd_bwd", "fwd")}
   for _ in range(repeats):
-    for k, (fn, _) in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(params))
-      times[k].append(time.perf_counter() - start)
+    for part in ("fwd_bwd", "fwd"):
+      for k, (fn, _) in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn[part](params))
+        times[k, part].append(time.perf_counter() - start)
   out = {"model": name, "batch": batch, "repeats": repeats,
-         **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+         **{f"{k}_s" if p == "fwd_bwd" else f"{k}_fwd_s": statistics.median(v)
+            for (k, p), v in times.items()},
          **{f"{k}_compile_s": c for k, (_, c) in fns.items()}}
+  out["fwd_ratio"] = out["ldm_jax_fwd_s"] / out["xla_fwd_s"]
   out["ratio"] = out["ldm_jax_s"] / out["xla_s"]
   print(json.dumps(out), flush=True)
   return out

@@ -1,10 +1,12 @@
-"""A convolution with a faster CPU backward pass: XLA's convolution forward, and the gradients
-of the same convolution written as one matmul of the input's shifted copies (im2col).
+"""A faster CPU convolution: the gradients, and the forward pass on small feature maps, written
+as one matmul of the input's shifted copies (im2col); XLA's convolution forward elsewhere.
 
 Why: XLA's CPU convolution gradients (input and kernel) ran 3-6x its forward time and were most
 of the conv time in the UNet's fwd+bwd; the matmul form's gradients are XLA dot kernels. The
-ImageNet UNet's fwd+bwd took 0.85x the time (benchmarks/conv.py --unet, RESULTS.md).
-Accelerators keep XLA's own gradient. Same numbers either way, up to float rounding.
+ImageNet UNet's fwd+bwd took 0.85x the time (benchmarks/conv.py --unet, RESULTS.md). XLA's
+forward is the faster one on large maps but slow on small ones: at 8x8 (the ImageNet UNet's
+deepest level) the matmul form took 0.58-0.87x its time, at 16x16 and up 1.3-1.8x.
+Accelerators keep XLA's own convolution. Same numbers either way, up to float rounding.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # Narrower convolutions keep XLA's gradients: 4 -> 256 channels ran 1.2x slower this way, and
 # small models (the tests') gain nothing worth the longer compile.
 MIN_CHANNELS = 128
+# Feature maps of at most this many output pixels (8x8) also take the matmul form's forward.
+MAX_MATMUL_FORWARD_PIXELS = 64
 
 
 def _pads(lhs, rhs, padding) -> list[tuple[int, int]]:
@@ -28,17 +32,22 @@ def _pads(lhs, rhs, padding) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in padding]
 
 
-def _xla(x, w, pads):
+def _forward(x, w, pads):
+  """im2col on small output maps, XLA's convolution on larger ones (see the module docstring)."""
+  out_h = x.shape[1] + sum(pads[0]) - w.shape[0] + 1
+  out_w = x.shape[2] + sum(pads[1]) - w.shape[1] + 1
+  if out_h * out_w <= MAX_MATMUL_FORWARD_PIXELS:
+    return patch_matmul(x, w, pads)
   return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, pads):
-  return _xla(x, w, pads)
+  return _forward(x, w, pads)
 
 
 def _conv_fwd(x, w, pads):
-  return _xla(x, w, pads), (x, w)
+  return _forward(x, w, pads), (x, w)
 
 
 def patch_matmul(x, w, pads):
@@ -65,7 +74,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          precision=None, **kw):
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls): stride-1, undilated,
   ungrouped NHWC convolutions of kernels larger than 1x1 with MIN_CHANNELS or more input
-  channels take the patch-matmul gradients; everything else is lax.conv_general_dilated."""
+  channels take the patch-matmul gradients (and forward, on maps of at most
+  MAX_MATMUL_FORWARD_PIXELS outputs); everything else is lax.conv_general_dilated."""
   dims = functools.partial(lax.conv_dimension_numbers, lhs.shape, rhs.shape)
   plain = (lhs.ndim == 4 and dims(dimension_numbers) == dims(_NHWC)
            and tuple(window_strides) == (1, 1)

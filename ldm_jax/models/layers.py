@@ -24,7 +24,7 @@ def group_norm(name: str | None = None, eps: float = 1e-6, groups: int = 32):
 
 def conv(features: int, kernel: int = 3, stride: int = 1, padding="SAME", dtype=jnp.float32,
          name: str | None = None, use_bias: bool = True, kernel_init=None):
-  """A square conv, float32 parameters; on a CPU with models/cpu_conv.py's faster gradients."""
+  """A square conv, float32 parameters; on a CPU through models/cpu_conv.py (faster there)."""
   kw = {} if kernel_init is None else {"kernel_init": kernel_init}
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, name=name,

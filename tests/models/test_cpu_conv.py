@@ -1,5 +1,5 @@
-"""models/cpu_conv.py: the CPU convolution's gradients (im2col matmuls) equal XLA's own, and the
-convolutions it does not take go to XLA unchanged."""
+"""models/cpu_conv.py: the CPU convolution's values and gradients (im2col matmuls; the forward too
+on small maps) equal XLA's own, and the convolutions it does not take go to XLA unchanged."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,16 +25,19 @@ def _takes_it(x, w, strides=(1, 1), padding="SAME"):
   return "custom_vjp" in str(jaxpr)
 
 
-@pytest.mark.parametrize("kernel,padding", [
-    (3, "SAME"), (3, ((1, 1), (1, 1))), (3, "VALID"), (3, ((0, 1), (2, 0))), (4, "SAME")])
-def test_value_and_gradients_equal_xla(kernel, padding):
+@pytest.mark.parametrize("kernel,padding,size", [
+    (3, "SAME", (7, 9)), (3, ((1, 1), (1, 1)), (12, 10)), (3, "VALID", (7, 9)),
+    (3, ((0, 1), (2, 0)), (7, 9)), (4, "SAME", (9, 9))])
+def test_value_and_gradients_equal_xla(kernel, padding, size):
+  """Maps of at most MAX_MATMUL_FORWARD_PIXELS outputs (7x9) take the matmul forward too;
+  larger ones (12x10, 9x9) XLA's forward."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 7, 9, C)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, *size, C)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, C, 6)) / np.sqrt(C), jnp.float32)
   assert _takes_it(x, w, padding=padding)
   (got, got_g), (want, want_g) = (_grads(f, x, w, (1, 1), padding) for f in
                                   (cpu_conv.conv_general_dilated, lax.conv_general_dilated))
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, r in zip(got_g, want_g):
     np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
@@ -51,3 +54,11 @@ def test_model_convs_use_it_on_the_cpu():
   conv = layers.conv(4)
   assert isinstance(conv, nn.Conv)
   assert conv.conv_general_dilated is cpu_conv.conv_general_dilated
+
+
+def test_forward_form_follows_the_output_size():
+  w = jnp.ones((3, 3, C, 2))
+  ops = lambda size: str(jax.make_jaxpr(lambda a: cpu_conv.conv_general_dilated(  # noqa: E731
+      a, w, (1, 1), "SAME", dimension_numbers=NHWC))(jnp.ones((1, *size, C))))
+  assert "conv_general_dilated" not in ops((8, 8))       # 64 outputs: one matmul
+  assert "conv_general_dilated" in ops((8, 9))           # 72 outputs: XLA's convolution
