@@ -97,21 +97,20 @@ def unet_ab(name: str, batch: int, repeats: int) -> dict:
       start = time.perf_counter()
       grad = grad.lower(params).compile()
       seconds = time.perf_counter() - start
-      return {"fwd_bwd": grad, "fwd": fwd.lower(params).compile()}, seconds
+      return {"": grad, "_fwd": fwd.lower(params).compile()}, seconds   # by result-key suffix
     finally:
       cpu_conv.for_backend = original
 
   fns = {"xla": compiled(False), "ldm_jax": compiled(True)}
-  times = {(k, p): [] for k in fns for p in ("fwd_bwd", "fwd")}
+  times = {f"{k}{part}_s": [] for k in fns for part in ("", "_fwd")}
   for _ in range(repeats):
-    for part in ("fwd_bwd", "fwd"):
+    for part in ("", "_fwd"):
       for k, (fn, _) in fns.items():
         start = time.perf_counter()
         jax.block_until_ready(fn[part](params))
-        times[k, part].append(time.perf_counter() - start)
+        times[f"{k}{part}_s"].append(time.perf_counter() - start)
   out = {"model": name, "batch": batch, "repeats": repeats,
-         **{f"{k}_s" if p == "fwd_bwd" else f"{k}_fwd_s": statistics.median(v)
-            for (k, p), v in times.items()},
+         **{key: statistics.median(v) for key, v in times.items()},
          **{f"{k}_compile_s": c for k, (_, c) in fns.items()}}
   out["fwd_ratio"] = out["ldm_jax_fwd_s"] / out["xla_fwd_s"]
   out["ratio"] = out["ldm_jax_s"] / out["xla_s"]
