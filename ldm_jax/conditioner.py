@@ -90,7 +90,8 @@ class Conditioner:
       if self.context == "layout":
         self.layout_grid = c.get("layout_grid", 32)
         vocab_size = layout_vocab_size(num_classes, self.layout_grid)
-        corners = {"corner_grid": self.layout_grid, "corner_offset": 2 + num_classes}
+        corners = {"corner_grid": self.layout_grid, "corner_offset": 2 + num_classes,
+                   "bind_objects": c.get("layout_bind_objects", False)}
       self.text = TextTransformer(vocab_size, self.context_length(), c.embed_dim, c.text_depth,
                                   c.text_heads, null=c.null, dropout=config.unet.dropout,
                                   dtype=dtype, **corners)

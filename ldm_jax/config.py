@@ -285,6 +285,12 @@ _LDM = {
                             "[-1, 1] to the UNet input (2 channels; CoordConv). Not in the "
                             "paper: it lets a small, briefly trained model place what a layout's "
                             "cross-attention asks for at the boxes' positions."),
+        "attention_coords": F(False, "Add a learned projection of Fourier features of each "
+                              "latent pixel's (x, y) (in [0, 1] of the map) to the "
+                              "SpatialTransformers' tokens, the same features as layout "
+                              "corners': a positional embedding, so the cross-attention's "
+                              "queries say where they are. Not in the paper: it lets a "
+                              "layout's box tokens be matched to the pixels inside the box."),
         "resblock_updown": F(False, "Resample inside ResBlocks instead of separate conv "
                              "layers."),
         "conv_resample": F(True, "Learned 3x3 convs around resampling (else pooling/nearest)."),
@@ -351,6 +357,12 @@ _LDM = {
         "layout_grid": F(32, "layout: each box corner is quantised to one of grid x grid "
                          "positions; a layout is a start token, then per box its class token "
                          "and its two corner tokens (1 + 3 * data.max_boxes tokens)."),
+        "layout_bind_objects": F(False, "layout: every token of a box (class and both "
+                                 "corners) also carries a learned embedding of the box's class "
+                                 "and a projection of both corners' Fourier features (GLIGEN's "
+                                 "grounding token on each of the paper's tokens). Not in the "
+                                 "paper: the transformer need not learn which class token "
+                                 "belongs to which corners."),
         "embed_dim": F(512, "Width of the class/text context (the UNet's context_dim)."),
         "p_uncond": F(0.1, "Probability of replacing an example's condition by the null "
                       "condition in training, for classifier-free guidance (0 disables)."),

@@ -148,9 +148,13 @@ def test_layout_model_trains_on_canvases_and_renders_box_files(tiny_autoencoder,
   config = tiny_ldm_config(tiny_autoencoder, "class", cond__type="layout", cond__num_classes=10,
                            cond__layout_grid=8, data__max_boxes=3, data__source="image_folder",
                            data__path=data, data__split="", data__random_flip=False,
-                           unet__coord_channels=True)
+                           unet__coord_channels=True, unet__attention_coords=True,
+                           cond__layout_bind_objects=True)
   config.data.channels = 1
   pipeline = _train(config, tmp_path / "ldm")   # 16 px canvases (the 32 px ones, resized)
+  names = {str(path) for path, _ in jax.tree_util.tree_flatten_with_path(pipeline.params)[0]}
+  for built in ("object_class", "object_box", "coord_features"):   # the recipe's options
+    assert any(built in n for n in names), built
   coords = pipeline.ldm.conditions(pipeline.params, {
       "boxes": jnp.zeros((2, 3, 4)), "box_classes": -jnp.ones((2, 3), jnp.int32)},
       pipeline.frozen["autoencoder"], jnp.asarray([False, True]), 1.0,

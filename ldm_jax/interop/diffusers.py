@@ -380,6 +380,8 @@ def diffusers_unet_config(module: UNet, cross_attention_dim: int, sample_size: i
     why = "ResBlock resampling (resblock_updown=True)"
   elif not module.conv_resample:
     why = "resampling without convs (conv_resample=False)"
+  elif module.attention_coords:
+    why = "positional features in its SpatialTransformers (attention_coords=True)"
   if why:
     raise UnsupportedError(f"save_diffusers_unet: a UNet with {why} has no diffusers "
                            f"UNet2DConditionModel equivalent")

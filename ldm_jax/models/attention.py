@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models.layers import Dtype, conv, group_norm
+from ldm_jax.models.layers import Dtype, conv, fourier_features, group_norm, pixel_centres
 
 logger = logging.getLogger("ldm_jax")
 
@@ -249,7 +249,10 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
   """GroupNorm -> 1x1 (or linear) proj_in -> transformer blocks over the pixels -> zero-init
   proj_out, plus the residual. The conditioning context enters through cross-attention.
-  Its GroupNorm epsilon is 1e-6 in both reference layouts, whatever the UNet's norm_eps."""
+  Its GroupNorm epsilon is 1e-6 in both reference layouts, whatever the UNet's norm_eps.
+  `coords` adds a learned projection of the Fourier features of each pixel's centre (x, y) in
+  [0, 1] of the map to its token after proj_in (a positional embedding, not in the paper): a
+  query then says where it is, and can match a layout box's corner features."""
   heads: int
   head_dim: int
   depth: int = 1
@@ -258,6 +261,7 @@ class SpatialTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = "auto"
   norm_groups: int = 32
+  coords: bool = False
 
   @nn.compact
   def __call__(self, x, context=None, mask=None, train: bool = False):
@@ -269,6 +273,9 @@ class SpatialTransformer(nn.Module):
           y.reshape(b, h * w, c))
     else:
       y = conv(inner, kernel=1, dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+    if self.coords:
+      y = y + nn.Dense(inner, dtype=self.dtype, param_dtype=jnp.float32,
+                       name="coord_features")(fourier_features(pixel_centres(h, w)))[None]
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.dropout, self.dtype,
                                 self.attention_impl, name=f"transformer_blocks_{i}")(

@@ -84,7 +84,8 @@ def build_unet(unet_config, *, in_channels: int, out_channels: int, context: boo
               transformer_depth=u.transformer_depth, use_linear_proj=u.use_linear_proj,
               dtype=dtype, remat=u.remat, norm_groups=u.get("norm_groups", 32),
               norm_eps=u.get("norm_eps", 1e-5),
-              attention_impl=u.attention_impl, activation_sharding=activation_sharding)
+              attention_impl=u.attention_impl, activation_sharding=activation_sharding,
+              attention_coords=u.get("attention_coords", False))
 
 
 # --------------------------------------------------------------------------------------------

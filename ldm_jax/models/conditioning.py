@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ldm_jax.errors import ConfigError
 from ldm_jax.models.attention import CrossAttention
-from ldm_jax.models.layers import Dtype
+from ldm_jax.models.layers import Dtype, fourier_features
 
 
 def _where(drop, null, value):
@@ -48,10 +48,24 @@ def grid_fourier_features(tokens, offset: int, grid: int, frequencies: int = 6):
   is_corner = (index >= 0) & (index < grid * grid)
   index = jnp.clip(index, 0, grid * grid - 1)
   xy = jnp.stack([index % grid, index // grid], -1).astype(jnp.float32) / max(grid - 1, 1)
-  angles = xy[..., None] * (jnp.pi * 2.0 ** jnp.arange(frequencies))   # (B, L, 2, F)
-  feats = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(
-      tokens.shape + (4 * frequencies,))
-  return jnp.where(is_corner[..., None], feats, 0.0)
+  return jnp.where(is_corner[..., None], fourier_features(xy, frequencies), 0.0)
+
+
+def object_features(tokens, corner_feats):
+  """Per token of a layout (start, then class, corner, corner per box): the class token id of
+  the box it belongs to (0 for the start token and padding) and the Fourier features of that
+  box's two corners (zeros likewise): (B, L) ids and (B, L, 2 * corner_feats' width)."""
+  b, length = tokens.shape
+  n = (length - 1) // 3
+  triples = tokens[:, 1:1 + 3 * n].reshape(b, n, 3)
+  feats = corner_feats[:, 1:1 + 3 * n].reshape(b, n, 3, corner_feats.shape[-1])
+  box = jnp.concatenate([feats[:, :, 1], feats[:, :, 2]], -1)           # (B, N, 2W)
+  ids = jnp.repeat(triples[..., 0], 3, axis=1)                          # (B, 3N)
+  box = jnp.repeat(box, 3, axis=1)
+  pad = length - 1 - 3 * n
+  ids = jnp.pad(ids, ((0, 0), (1, pad)))
+  box = jnp.pad(box, ((0, 0), (1, pad), (0, 0)))
+  return ids, box
 
 
 class TextTransformer(nn.Module):
@@ -61,7 +75,10 @@ class TextTransformer(nn.Module):
 
   For layouts (`corner_grid` > 0), corner tokens (ids from `corner_offset`) also get a learned
   projection of fixed Fourier features of their coordinates (as GLIGEN encodes boxes): nearby
-  corners start out with similar embeddings instead of unrelated ones."""
+  corners start out with similar embeddings instead of unrelated ones. With `bind_objects`,
+  every token of a box also gets a learned embedding of the box's class and a projection of
+  both its corners' features (GLIGEN's grounding token, on each of the paper's three tokens):
+  a token then says which digit goes where without the transformer having to pair them."""
   vocab_size: int
   max_length: int = 77
   width: int = 512
@@ -73,6 +90,7 @@ class TextTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   corner_grid: int = 0
   corner_offset: int = 0
+  bind_objects: bool = False
 
   @nn.compact
   def __call__(self, tokens, drop=None, train: bool = False):
@@ -83,8 +101,14 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32, name="token_embedding")(
         tokens)
     if self.corner_grid:
-      x = x + nn.Dense(self.width, param_dtype=jnp.float32, name="corner_features")(
-          grid_fourier_features(tokens, self.corner_offset, self.corner_grid))
+      corners = grid_fourier_features(tokens, self.corner_offset, self.corner_grid)
+      x = x + nn.Dense(self.width, param_dtype=jnp.float32, name="corner_features")(corners)
+      if self.bind_objects:
+        ids, box = object_features(tokens, corners)
+        x = x + nn.Embed(self.corner_offset, self.width, param_dtype=jnp.float32,
+                         name="object_class")(ids) * (ids != self.pad_id)[..., None]
+        x = x + nn.Dense(self.width, use_bias=False, param_dtype=jnp.float32,
+                         name="object_box")(box)
     pos = self.param("position_embedding", nn.initializers.normal(0.01),
                      (self.max_length, self.width))
     x = (x + pos[:length]).astype(self.dtype)

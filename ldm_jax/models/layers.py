@@ -82,6 +82,22 @@ class Upsample(nn.Module):
     return x
 
 
+def fourier_features(xy, frequencies: int = 6):
+  """Fixed Fourier features of points xy (..., 2) in [0, 1]: sin and cos of 2^k pi x and
+  2^k pi y, k < frequencies -> (..., 4 * frequencies). Layout corners and the UNet's
+  positions (unet.attention_coords) share them, so the two are alike where they coincide."""
+  angles = xy[..., None] * (jnp.pi * 2.0 ** jnp.arange(frequencies))   # (..., 2, F)
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1).reshape(
+      xy.shape[:-1] + (4 * frequencies,))
+
+
+def pixel_centres(h: int, w: int):
+  """The centres (x, y) in [0, 1] of an h x w map's pixels, row-major: (h * w, 2). In layout
+  corners' convention (x = column, y = row; models/conditioning.grid_fourier_features)."""
+  xs, ys = (jnp.arange(w) + 0.5) / w, (jnp.arange(h) + 0.5) / h
+  return jnp.stack(jnp.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+
+
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, shape (B, dim)."""
   half = dim // 2

@@ -108,6 +108,7 @@ class UNet(nn.Module):
   norm_groups: int = 32
   norm_eps: float = 1e-5
   activation_sharding: Any = None
+  attention_coords: bool = False
 
   def _constrain(self, h):
     """h pinned to `activation_sharding` (when set and it divides the batch)."""
@@ -125,7 +126,8 @@ class UNet(nn.Module):
     if self.use_spatial_transformer:
       cls = maybe_remat(SpatialTransformer, self.remat, static_argnums=(4,))
       return cls(heads, head_dim, self.transformer_depth, self.dropout, self.use_linear_proj,
-                 self.dtype, self.attention_impl, self.norm_groups, name=name)
+                 self.dtype, self.attention_impl, self.norm_groups, self.attention_coords,
+                 name=name)
     cls = maybe_remat(AttentionBlock, self.remat)
     return cls(heads, self.dtype, self.attention_impl, self.norm_groups, self.norm_eps,
                name=name)

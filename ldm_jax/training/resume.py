@@ -41,6 +41,7 @@ ADDED_FIELDS = {"model.norm_groups": 32, "model.mid_attention": True,
                 "cond.layout_grid": 32, "cond.rescaler_channels": 0,
                 "cond.rescaler_antialias": True, "cond.inpaint_convention": "ldm_jax",
                 "data.boxes_key": "", "data.box_classes_key": "", "unet.coord_channels": False,
+                "unet.attention_coords": False, "cond.layout_bind_objects": False,
                 "cond.text_encoder": "transformer", "cond.clip_weights": "",
                 "cond.clip_layer": "last", "unet.init_from": ""}
 # Architecture fields that shape one concat route only: for a model on another route a change

@@ -98,3 +98,14 @@ def test_compvis_missing_ema_copy_is_named(compvis_files, tmp_path):
   with pytest.raises(ConversionError, match=r"not for 1 UNet weight\(s\), e\.g\. "
                      r"model_ema\.diffusion_modelout2weight; pass use_ema=False"):
     load_compvis(partial, yaml)
+
+
+def test_export_of_a_unet_without_a_diffusers_equivalent_is_refused_up_front():
+  """A UNet with positional features in its SpatialTransformers (unet.attention_coords) has no
+  UNet2DConditionModel counterpart: refused by name before anything is written."""
+  from ldm_jax.interop.diffusers import diffusers_unet_config  # pylint: disable=g-import-not-at-top
+  from ldm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
+  unet = UNet(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2),
+              use_spatial_transformer=True, attention_coords=True)
+  with pytest.raises(UnsupportedError, match=r"attention_coords=True\) has no diffusers"):
+    diffusers_unet_config(unet, cross_attention_dim=64)

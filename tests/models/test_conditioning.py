@@ -121,3 +121,54 @@ def test_conditioner_segmentation_mapper_and_configs_from_before_it():
   before = Conditioner(ml_collections.ConfigDict(old), first, 0, 0)
   assert (before.rescaler.out_channels, before.rescaler.antialias) == (0, True)
   assert before.concat_channels == 5
+
+
+def test_layout_object_binding_pairs_each_box_with_its_class():
+  """bind_objects: a box's corner tokens carry its class (object_features repeats each box's
+  class id and corner features over its three tokens); without it, and with no transformer
+  layer to pair them, a corner token's context does not depend on the class at all."""
+  from ldm_jax.models.conditioning import grid_fourier_features, object_features
+  grid, offset = 4, 2 + 10
+  # start; box (class 3, corners 5 and 15); box (class 7, corners 0 and 10); one padding box.
+  tokens = jnp.array([[1, 5, offset + 5, offset + 15, 9, offset, offset + 10, 0, 0, 0]])
+  corners = grid_fourier_features(tokens, offset, grid)
+  ids, box = object_features(tokens, corners)
+  np.testing.assert_array_equal(ids, [[0, 5, 5, 5, 9, 9, 9, 0, 0, 0]])
+  box0 = jnp.concatenate([corners[0, 2], corners[0, 3]])
+  box1 = jnp.concatenate([corners[0, 5], corners[0, 6]])
+  for i in (1, 2, 3):
+    np.testing.assert_array_equal(box[0, i], box0)
+    np.testing.assert_array_equal(box[0, i + 3], box1)
+  np.testing.assert_array_equal(box[0, 0], 0.0)
+  np.testing.assert_array_equal(box[0, 7:], 0.0)
+
+  swapped = tokens.at[0, 1].set(9).at[0, 4].set(5)     # the two boxes' classes exchanged
+  for bind in (False, True):
+    model = TextTransformer(vocab_size=offset + grid * grid, max_length=10, width=16, depth=0,
+                            heads=2, corner_grid=grid, corner_offset=offset, bind_objects=bind)
+    variables = model.init(KEY, tokens)
+    a, _ = model.apply(variables, tokens)
+    b, _ = model.apply(variables, swapped)
+    corner_tokens = jnp.array([2, 3, 5, 6])
+    changed = float(jnp.max(jnp.abs(a[0, corner_tokens] - b[0, corner_tokens])))
+    assert (changed > 1e-3) == bind, (bind, changed)
+
+
+def test_pixel_centres_and_layout_corners_share_one_xy_convention():
+  """unet.attention_coords' pixel features and the corner tokens' features agree on what x and
+  y are: a corner on a pixel's centre has exactly that pixel's features (on a 4x4 map the
+  centres are odd eighths, which a 9-point lattice holds), and no other pixel's."""
+  from ldm_jax.models.conditioning import grid_fourier_features, layout_tokens
+  from ldm_jax.models.layers import fourier_features, pixel_centres
+  h = w = 4
+  grid, classes = 9, 10
+  centres = pixel_centres(h, w)
+  np.testing.assert_allclose(centres[2 * w + 3], [3.5 / w, 2.5 / h])   # row 2, column 3
+  pixels = fourier_features(centres)
+  for col, row in ((3, 0), (0, 2), (1, 3)):
+    x, y = (col + 0.5) / w, (row + 0.5) / h
+    tokens = layout_tokens(jnp.array([[[x, y, 1.0, 1.0]]]), jnp.array([[3]]), classes, grid)
+    corner = grid_fourier_features(tokens, 2 + classes, grid)[0, 2]   # the top-left corner
+    distance = jnp.abs(pixels - corner).max(-1)
+    assert int(jnp.argmin(distance)) == row * w + col
+    assert float(distance[row * w + col]) < 1e-5 < float(jnp.sort(distance)[1])

@@ -171,3 +171,19 @@ def test_adm_labels_change_the_output_and_are_required():
   assert float(jnp.max(jnp.abs(out[1] - same[1]))) > 1e-3
   with pytest.raises(ValueError, match="needs class labels"):
     model.apply(params, z, t)
+
+
+def test_spatial_transformer_coords_tell_positions_apart():
+  """coords=True: a constant map leaves the block position-dependent (its tokens carry where
+  they are); without it every pixel of a constant map gets the same output."""
+  x = jnp.ones((1, 6, 6, 32))
+  context = jax.random.normal(KEY, (1, 4, 24))
+  for coords in (False, True):
+    block = SpatialTransformer(2, 16, coords=coords)
+    variables = block.init(KEY, x, context)
+    params = jax.tree_util.tree_map_with_path(   # proj_out starts at zero: make it act
+        lambda p, v: jax.random.normal(KEY, v.shape) if "proj_out" in str(p) else v,
+        variables["params"])
+    out = block.apply({"params": params}, x, context)
+    spread = float(jnp.max(jnp.std(out.reshape(36, 32), axis=0)))
+    assert (spread > 1e-3) == coords, (coords, spread)
