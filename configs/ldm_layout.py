@@ -21,8 +21,10 @@ Variants:
               'objects/bbox', classes from 'objects/label'); tfds needs COCO's files.
   mnist       the CPU recipe (python -m ldm_jax.recipes.digit_tasks --task=layout): 48 px
               canvases of 1-3 MNIST digits at random boxes, on the quickstart's autoencoder,
-              with the latent grid's coordinates as two extra UNet inputs
-              (unet.coord_channels).
+              with three aids not in the paper: the latent grid's coordinates as two extra
+              UNet inputs (unet.coord_channels), a positional embedding on the
+              SpatialTransformers' tokens (unet.attention_coords) and each box's class and
+              corners on all three of its tokens (cond.layout_bind_objects).
 
   python train.py --config=configs/ldm_layout.py --workdir=runs/ldm_layout \\
       --config.data.path=/data/openimages/train --config.first_stage.checkpoint=runs/ae_vq4

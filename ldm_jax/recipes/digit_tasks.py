@@ -68,6 +68,9 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 800)
     c.cond.num_classes, c.cond.layout_grid, c.data.max_boxes = 10, 16, 3
     c.train.batch_size = 64                     # 12x12 latents: the quickstart's pixels/step
     c.unet.coord_channels = True                # where the boxes are (see benchmarks/RESULTS)
+    c.unet.attention_coords = True              # queries know their position ...
+    c.cond.layout_bind_objects = True           # ... and box tokens their digit and box
+    c.sample.guidance_scale = 6.0               # 800 steps: 15.4% at 1, 18.7% at 3, 22.7% at 6
   if task == "text":
     c.cond.text_tokenizer, c.cond.text_vocab_size, c.cond.text_max_length = "train", 256, 16
   return c
