@@ -57,15 +57,12 @@ def object_features(tokens, corner_feats):
   box's two corners (zeros likewise): (B, L) ids and (B, L, 2 * corner_feats' width)."""
   b, length = tokens.shape
   n = (length - 1) // 3
-  triples = tokens[:, 1:1 + 3 * n].reshape(b, n, 3)
-  feats = corner_feats[:, 1:1 + 3 * n].reshape(b, n, 3, corner_feats.shape[-1])
-  box = jnp.concatenate([feats[:, :, 1], feats[:, :, 2]], -1)           # (B, N, 2W)
-  ids = jnp.repeat(triples[..., 0], 3, axis=1)                          # (B, 3N)
-  box = jnp.repeat(box, 3, axis=1)
-  pad = length - 1 - 3 * n
-  ids = jnp.pad(ids, ((0, 0), (1, pad)))
-  box = jnp.pad(box, ((0, 0), (1, pad), (0, 0)))
-  return ids, box
+  width = corner_feats.shape[-1]
+  ids = jnp.repeat(tokens[:, 1:1 + 3 * n:3], 3, axis=1)                  # (B, 3N)
+  box = corner_feats[:, 1:1 + 3 * n].reshape(b, n, 3, width)[:, :, 1:].reshape(b, n, 2 * width)
+  box = jnp.repeat(box, 3, axis=1)                                       # (B, 3N, 2W)
+  around = (1, length - 1 - 3 * n)     # the start token before, unpaired tokens after
+  return jnp.pad(ids, ((0, 0), around)), jnp.pad(box, ((0, 0), around, (0, 0)))
 
 
 class TextTransformer(nn.Module):
