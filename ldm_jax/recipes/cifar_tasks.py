@@ -72,7 +72,8 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500
 
   It predicts v, not eps: an eps model's estimate of x0 at the first, noisiest steps carries its
   eps error times sqrt((1 - alpha_bar) / alpha_bar) (about 15 at t = 999), and this short a run
-  leaves that error large (x0 estimates at t = 999 of 7.9 dB PSNR for eps, 18.8 dB for v; benchmarks/RESULTS.md)."""
+  leaves that error large (x0 estimates at t = 999 of 7.9 dB PSNR for eps, 18.8 dB for v;
+  benchmarks/RESULTS.md)."""
   c = config_lib.defaults("ldm")
   c.data.source, c.data.path, c.data.split = "image_folder", data_dir, ""
   c.data.image_size, c.data.resize_mode = 32, "stretch"
