@@ -64,3 +64,13 @@ def test_bsr_refuses_a_latent_cache_naming_the_field():
     check_cacheable(c.cond)
   c.cond.degradation = "bicubic"
   check_cacheable(c.cond)
+
+
+@pytest.mark.parametrize("size", [32, 16, 5])   # 5 px: the padding wraps more than once
+def test_convolve_reflect_matches_scipy_ndimage(size):
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(size)
+  x = rng.random((size, size, 3)).astype(np.float32)
+  k = degradations.gaussian_kernel(3.0, 0.7, 0.4)
+  want = np.stack([ndimage.convolve(x[..., c], k, mode="reflect") for c in range(3)], -1)
+  np.testing.assert_allclose(degradations.convolve_reflect(x, k), want, atol=1e-6)
