@@ -49,7 +49,17 @@ def test_strided_1x1_and_narrow_convolutions_keep_xla():
   x = jnp.ones((1, 4, 4, C))
   assert not _takes_it(x, jnp.ones((3, 3, C, 2)), strides=(2, 2))
   assert not _takes_it(x, jnp.ones((1, 1, C, 2)))
-  assert not _takes_it(x[..., :C - 1], jnp.ones((3, 3, C - 1, 2)))
+  big = jnp.ones((1, 16, 17, C - 1))      # 272 input pixels: over SMALL_MAP_PIXELS
+  assert not _takes_it(big, jnp.ones((3, 3, C - 1, 2)))
+  assert _takes_it(jnp.ones((1, 16, 17, C)), jnp.ones((3, 3, C, 2)))
+
+
+def test_narrower_convolutions_take_it_on_small_maps():
+  n = cpu_conv.SMALL_MAP_CHANNELS
+  small = jnp.ones((1, 16, 16, n))        # 256 input pixels
+  assert _takes_it(small, jnp.ones((3, 3, n, 2)))
+  assert not _takes_it(small[..., :n - 1], jnp.ones((3, 3, n - 1, 2)))
+  assert not _takes_it(jnp.ones((1, 16, 17, n)), jnp.ones((3, 3, n, 2)))
 
 
 def test_model_convs_use_it_on_the_cpu():
