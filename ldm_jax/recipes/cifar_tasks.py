@@ -202,13 +202,14 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
   names = _write_folder(inputs, hi)
   mask_dir = os.path.join(task_dir, "eval", "masks")
   _write_folder(mask_dir, (fill[..., 0] * 255).astype(np.uint8))
-  outs = {}
-  for composite in (True, False):
-    out = os.path.join(task_dir, "eval", "inpainted" + ("" if composite else "_raw"))
-    image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
-                                                  steps=steps, composite=composite), out)
-    outs[composite] = _read_outputs(out, names)
+  # One raw run; pasting the known pixels back here equals sample.py's composite exactly (the
+  # masks are binary, so each pixel is either the raw output's or the input's).
+  out = os.path.join(task_dir, "eval", "inpainted_raw")
+  image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
+                                                steps=steps, composite=False), out)
   known = 1.0 - fill
+  raw = _read_outputs(out, names)
+  outs = {False: raw, True: fill * raw + known * target}
   mean_fill = target * known + fill * ((target * known).sum((1, 2), keepdims=True) /
                                        known.sum((1, 2), keepdims=True))
   sigma = (0, 3, 3, 0)
