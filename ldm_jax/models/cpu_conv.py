@@ -80,8 +80,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls): stride-1, undilated,
   ungrouped NHWC convolutions of kernels larger than 1x1 with MIN_CHANNELS or more input
   channels (SMALL_MAP_CHANNELS on maps of at most SMALL_MAP_PIXELS) take the patch-matmul
-  gradients (and forward, on maps of at most
-  MAX_MATMUL_FORWARD_PIXELS outputs); everything else is lax.conv_general_dilated."""
+  gradients (and forward, on maps of at most MAX_MATMUL_FORWARD_PIXELS outputs); everything
+  else is lax.conv_general_dilated."""
   dims = functools.partial(lax.conv_dimension_numbers, lhs.shape, rhs.shape)
   plain = (lhs.ndim == 4 and dims(dimension_numbers) == dims(_NHWC)
            and tuple(window_strides) == (1, 1)

@@ -208,24 +208,24 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
   image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
                                                 steps=steps, composite=False), out)
   known = 1.0 - fill
+  kept = target * known
+
+  def paste(fills):   # every fill is scored with the known pixels pasted back
+    return kept + fill * fills
+
   raw = _read_outputs(out, names)
-  outs = {False: raw, True: fill * raw + known * target}
-  mean_fill = target * known + fill * ((target * known).sum((1, 2), keepdims=True) /
-                                       known.sum((1, 2), keepdims=True))
+  ldm = paste(raw)
+  mean_fill = paste(kept.sum((1, 2), keepdims=True) / known.sum((1, 2), keepdims=True))
   sigma = (0, 3, 3, 0)
-  blurred = (ndimage.gaussian_filter(target * known, sigma) /
-             np.maximum(ndimage.gaussian_filter(np.broadcast_to(known, target.shape), sigma),
-                        1e-3))
-  blur_fill = target * known + fill * blurred
-  for name, images in (("ldm", outs[True]), ("mean_colour_fill", mean_fill),
-                       ("blur_fill", blur_fill)):
+  blur_fill = paste(ndimage.gaussian_filter(kept, sigma) / np.maximum(
+      ndimage.gaussian_filter(np.broadcast_to(known, target.shape), sigma), 1e-3))
+  for name, images in (("ldm", ldm), ("mean_colour_fill", mean_fill), ("blur_fill", blur_fill)):
     results[f"{name}_masked_l1"] = scorer.l1_in(images, fill)
     results[f"{name}_lpips"] = scorer.lpips_of(images)
   recon = _reconstruction(pipeline, target)
-  results["unmasked_l1_without_composite"] = scorer.l1_in(outs[False], known)
+  results["unmasked_l1_without_composite"] = scorer.l1_in(raw, known)
   results["unmasked_l1_autoencoder_reconstruction"] = scorer.l1_in(recon, known)
-  shown = target[:8] * (1 - fill[:8])
-  return results, [shown, mean_fill[:8], blur_fill[:8], outs[True][:8], target[:8]]
+  return results, [kept[:8], mean_fill[:8], blur_fill[:8], ldm[:8], target[:8]]
 
 
 def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
