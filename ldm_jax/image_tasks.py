@@ -4,7 +4,9 @@ masks, render semantic label maps and box layouts, on every device, one output P
   upscale  a super-resolution model (cond.concat='lowres') turns each image of --inputs, of any
            size, into one f times larger (f = the first stage's factor, x4 for LDM-SR). Sides
            are padded (edge) to the UNet's multiple and the padding cropped away; with --tile
-           the UNet and the decoder run on overlapping tiles, so large photos fit.
+           the UNet and the decoder run on overlapping tiles, so large photos fit. The output
+           is then back-projected onto its input (--consistency iterations, default 3:
+           data/degradations.back_project), so that downsampled it matches the input.
   inpaint  fills the white region of each --masks PNG (same relative path as its image, same
            size) in its image: an inpainting model (cond.concat='inpaint') conditions on the
            masked image; any other unconditional or class model inpaints by mask-blend
@@ -36,6 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ldm_jax import locks
+from ldm_jax.data import degradations
 from ldm_jax.data.preprocess import to_float
 from ldm_jax.errors import JobError
 from ldm_jax.inference import Pipeline
@@ -65,6 +68,7 @@ class FileJob:
   spacing: str | None = None
   tile: int = 0
   composite: bool = True
+  consistency: int = 3         # upscale: back-projection iterations onto the input (0: off)
   image_size: int = 0          # layout: the canvas side (0: the model's training size)
 
 
@@ -93,6 +97,8 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
   cond = pipeline.ldm.cond
   if job.task not in TASKS:
     raise JobError(f"--task: expected one of generate, {', '.join(TASKS)}, got '{job.task}'")
+  if job.consistency < 0:
+    raise JobError(f"--consistency: expected a number of iterations >= 0, got {job.consistency}")
   if job.image_size and job.task != "layout":
     raise JobError(f"--image_size: --task={job.task} takes the size of each input; drop it")
   if job.task == "semantic":
@@ -184,7 +190,7 @@ def _load(pipeline: Pipeline, job: FileJob, mode: str,
   data = _read_input(pipeline, job, mode, item.relative)
   multiple = ldm.first.downsample_factor * ldm.unet_multiple
   if mode == "sr":
-    return {"lowres": to_float(_pad_to(data, ldm.unet_multiple))}, None, None
+    return {"lowres": to_float(_pad_to(data, ldm.unet_multiple))}, to_float(data), None
   if mode == "semantic":
     return {"segmentation": _pad_to(data[..., None], multiple)[..., 0]}, None, None
   if mode == "layout":
@@ -209,6 +215,8 @@ def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
   spec.pop("batch_size")
   spec["inputs"] = digest([(it.relative, list(it.size)) for it in items])
   spec["masks"] = bool(job.masks)
+  if job.task != "upscale":
+    spec.pop("consistency")
   spec["model"] = pipeline.source
   spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)
   return spec
@@ -253,6 +261,8 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
           image = image[:h, :w]
           if mode.endswith("inpaint") and job.composite:
             image = mask * image + (1.0 - mask) * image_in
+          if mode == "sr" and job.consistency:
+            image = degradations.back_project(image, image_in, job.consistency)
           new.append((output_path(out, it.relative), image))
         if jax.process_index() == 0:
           for path in {os.path.dirname(p) for p, _ in new}:

@@ -115,6 +115,8 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     existing.setdefault("dtype", resolve_dtype(trained_dtype) if trained_dtype else spec["dtype"])
     if "negative_prompt" in spec:                  # sampling jobs from before the field
       existing.setdefault("negative_prompt", None)
+    if "consistency" in spec:                      # upscale jobs from before it were raw
+      existing.setdefault("consistency", 0)
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = f" (or rerun with --dtype={existing['dtype']})" if diff == ["dtype"] else ""

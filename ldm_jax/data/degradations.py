@@ -17,6 +17,9 @@ operation of the chain, with the ranges drawn from (all per example, from the ex
 then the final resize to the target size (mode ~ {bilinear, bicubic, box}) and, with p=0.5, a
 last JPEG (quality 30-95). Only the blur widths scale, with the downsampling factor; the rest
 are absolute. Everything runs on the host in numpy/PIL/scipy (the pipeline's workers).
+
+`back_project` goes the other way: it makes an upscaled image consistent with its input under
+the 'bicubic' degradation (sample.py's upscale task applies it to LDM-SR outputs).
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def _array(pil: Image.Image) -> np.ndarray:
 
 
 def _resize(x: np.ndarray, h: int, w: int, mode) -> np.ndarray:
-  """Float [0, 1] HWC -> (h, w), through PIL in float mode per channel (no 8-bit rounding)."""
+  """Float HWC (any range) -> (h, w), through PIL in float mode per channel (no 8-bit
+  rounding)."""
   chans = [np.asarray(Image.fromarray(x[..., c].astype(np.float32), mode="F").resize((w, h), mode))
            for c in range(x.shape[-1])]
   return np.stack(chans, axis=-1)
@@ -115,6 +119,19 @@ def _jpeg(x, rng, factor=None):
 # (operation, probability); the chain applies them in a random order.
 _CHAIN = ((_blur, 0.9), (_blur, 0.9), (_random_resize, 0.5), (_gaussian_noise, 0.8),
           (_poisson_noise, 0.3), (_jpeg, 0.7))
+
+
+def back_project(upscaled: np.ndarray, lowres: np.ndarray, iterations: int = 3) -> np.ndarray:
+  """Iterative back-projection (Irani & Peleg 1991): float [-1, 1] `upscaled` (H, W) plus the
+  bicubic upsampling of its residual against `lowres` (h, w) under the 'bicubic' degradation,
+  `iterations` times, so that its antialiased bicubic downsample approaches `lowres` while the
+  detail above the input's band is kept. Clipped to [-1, 1] at the end."""
+  y, x = np.asarray(lowres, np.float32), np.asarray(upscaled, np.float32)
+  (h, w), (big_h, big_w) = y.shape[:2], x.shape[:2]
+  cubic = Image.Resampling.BICUBIC
+  for _ in range(iterations):
+    x = x + _resize(y - _resize(x, h, w, cubic), big_h, big_w, cubic)
+  return np.clip(x, -1.0, 1.0)
 
 
 def bsr(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
