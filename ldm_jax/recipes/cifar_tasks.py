@@ -12,7 +12,8 @@
    (configs/ldm_inpaint.py:cifar);
 4. runs sample.py's task on the held-out images and scores it next to a baseline:
    sr: PSNR and LPIPS (VGG) against the originals, of LDM-SR and of bicubic upsampling of the
-   same inputs (bicubic-downsampled and BSR-degraded inputs);
+   same inputs (bicubic-downsampled and BSR-degraded inputs), each also back-projected onto its
+   input as sample.py's upscale does by default, and the LDM's raw samples;
    inpaint: L1 in the masked region and LPIPS of the composited image, of the LDM and of two
    simple fills (the mean colour of the known pixels; a normalised blur of them), and the
    unmasked region's error without the composite next to the autoencoder's own
@@ -154,7 +155,9 @@ def _reconstruction(pipeline, target):
 
 
 def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
-  """PSNR/LPIPS of LDM-SR and of bicubic upsampling, for bicubic and BSR 8 px inputs."""
+  """PSNR/LPIPS of LDM-SR and of bicubic upsampling, for bicubic and BSR 8 px inputs; each also
+  back-projected onto its input (sample.py's default --consistency=3, applied here to the raw
+  samples read back, so up to their 8-bit rounding), and the LDM's raw samples."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from PIL import Image
@@ -173,12 +176,15 @@ def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
     names = _write_folder(folder, low)
     out = os.path.join(task_dir, "eval", f"upscaled_{kind}")
     image_tasks.run(pipeline, image_tasks.FileJob("upscale", folder, sampler="ddim",
-                                                  steps=steps), out)
-    sr = _read_outputs(out, names)
+                                                  steps=steps, consistency=0), out)
+    raw = _read_outputs(out, names)
     up = lambda mode: to_float(np.stack([np.asarray(Image.fromarray(x).resize(  # noqa: E731
         (32, 32), mode)) for x in low]))
-    bic = up(Image.Resampling.BICUBIC)
-    for name, images in (("bicubic_upsampling", bic), ("ldm_sr", sr)):
+    project = lambda images: np.stack([degradations.back_project(  # noqa: E731
+        x, to_float(y), 3) for x, y in zip(images, low)])
+    bic, sr = up(Image.Resampling.BICUBIC), project(raw)
+    for name, images in (("bicubic_upsampling", bic), ("bicubic_back_projected", project(bic)),
+                         ("ldm_sr_raw", raw), ("ldm_sr", sr)):
       results[f"{kind}_inputs_{name}_psnr"] = scorer.psnr_of(images)
       results[f"{kind}_inputs_{name}_lpips"] = scorer.lpips_of(images)
     rows += [up(Image.Resampling.NEAREST)[:8], bic[:8], sr[:8], target[:8]]
@@ -276,10 +282,13 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
 
 def _summary(task: str, r: dict) -> str:
   if task == "sr":
-    lines = [f"  {k} inputs: LDM-SR PSNR {r[f'{k}_inputs_ldm_sr_psnr']:.2f} dB, LPIPS "
-             f"{r[f'{k}_inputs_ldm_sr_lpips']:.3f}; bicubic upsampling PSNR "
-             f"{r[f'{k}_inputs_bicubic_upsampling_psnr']:.2f} dB, LPIPS "
-             f"{r[f'{k}_inputs_bicubic_upsampling_lpips']:.3f}" for k in ("bicubic", "bsr")]
+    lines = []
+    for k in ("bicubic", "bsr"):
+      fig = lambda n: (f"PSNR {r[f'{k}_inputs_{n}_psnr']:.2f} dB, "  # noqa: E731
+                       f"LPIPS {r[f'{k}_inputs_{n}_lpips']:.3f}")
+      lines += [f"  {k} inputs: LDM-SR {fig('ldm_sr')} (raw samples {fig('ldm_sr_raw')})",
+                f"    bicubic upsampling {fig('bicubic_upsampling')} (back-projected "
+                f"{fig('bicubic_back_projected')})"]
     lines.append(f"  autoencoder ceiling: PSNR {r['autoencoder_psnr']:.2f} dB, LPIPS "
                  f"{r['autoencoder_lpips']:.3f}")
   else:
