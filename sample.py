@@ -70,6 +70,9 @@ flags.DEFINE_string("masks", None, "inpaint: folder of mask PNGs at the images' 
                     "the images' size; white (>= 128) = fill, black = keep.")
 flags.DEFINE_bool("composite", True, "inpaint: paste the known pixels back, so the output "
                   "equals the input outside the mask (else the decoder's reconstruction).")
+flags.DEFINE_bool("seamless", True, "inpaint with --composite: Poisson-blend the fill into the "
+                  "known pixels (it gets the smooth correction that makes it meet them without "
+                  "a seam or colour shift); --noseamless pastes it as sampled.")
 flags.DEFINE_integer("consistency", 3, "upscale: iterations of back-projection onto the input "
                      "(the output plus the bicubic upsampling of its downsampling's residual), "
                      "so that the output downsampled matches the input; 0 = the raw sample.")
@@ -160,7 +163,7 @@ def _run_file_job(pipeline, classes):
       FLAGS.task, FLAGS.inputs, FLAGS.masks, classes[0] if classes else None, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
       guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing, tile=FLAGS.tile,
-      composite=FLAGS.composite, consistency=FLAGS.consistency,
+      composite=FLAGS.composite, seamless=FLAGS.seamless, consistency=FLAGS.consistency,
       image_size=FLAGS.image_size or 0)
   result = image_tasks.run(pipeline, job, FLAGS.out)
   print(f"{FLAGS.task}: {result['generated']} images written to {FLAGS.out}/images "

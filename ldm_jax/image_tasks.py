@@ -10,7 +10,8 @@ masks, render semantic label maps and box layouts, on every device, one output P
   inpaint  fills the white region of each --masks PNG (same relative path as its image, same
            size) in its image: an inpainting model (cond.concat='inpaint') conditions on the
            masked image; any other unconditional or class model inpaints by mask-blend
-           sampling. The known pixels are pasted back (composite), so they equal the input.
+           sampling. The known pixels are pasted back (composite), so they equal the input, and
+           the fill is Poisson-blended into them (--seamless, default on: compositing.py).
            --tile bounds the denoiser's and decoder's memory; the encoder sees the whole image.
   semantic a semantic-synthesis model (cond.concat='segmentation') renders each label-map PNG
            of --inputs (one class index per pixel) at the map's size, which may be larger than
@@ -37,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ldm_jax import locks
+from ldm_jax import compositing, locks
 from ldm_jax.data import degradations
 from ldm_jax.data.preprocess import to_float
 from ldm_jax.errors import JobError
@@ -68,6 +69,7 @@ class FileJob:
   spacing: str | None = None
   tile: int = 0
   composite: bool = True
+  seamless: bool = True        # inpaint with composite: Poisson-blend the fill (else paste)
   consistency: int = 3         # upscale: back-projection iterations onto the input (0: off)
   image_size: int = 0          # layout: the canvas side (0: the model's training size)
 
@@ -217,6 +219,8 @@ def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
   spec["masks"] = bool(job.masks)
   if job.task != "upscale":
     spec.pop("consistency")
+  if job.task != "inpaint" or not job.composite:
+    spec.pop("seamless")
   spec["model"] = pipeline.source
   spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)
   return spec
@@ -260,7 +264,7 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
           h, w = _output_size(pipeline, it, mode)
           image = image[:h, :w]
           if mode.endswith("inpaint") and job.composite:
-            image = mask * image + (1.0 - mask) * image_in
+            image = compositing.composite(image_in, image, mask, job.seamless)
           if mode == "sr" and job.consistency:
             image = degradations.back_project(image, image_in, job.consistency)
           new.append((output_path(out, it.relative), image))

@@ -117,6 +117,8 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
       existing.setdefault("negative_prompt", None)
     if "consistency" in spec:                      # upscale jobs from before it were raw
       existing.setdefault("consistency", 0)
+    if "seamless" in spec:                         # inpaint jobs from before it pasted
+      existing.setdefault("seamless", False)
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = f" (or rerun with --dtype={existing['dtype']})" if diff == ["dtype"] else ""

@@ -1,6 +1,7 @@
 """sample.py's file tasks: upscale a folder with a super-resolution model (any size, tiled or
-not), inpaint images with masks (an inpainting model, or mask-blend with any class model); the
-known region of an inpainting equals the input; bad inputs stop with one line naming the file.
+not; back-projected onto the input), inpaint images with masks (an inpainting model, or
+mask-blend with any class model); the known region of an inpainting equals the input; bad
+inputs stop with one line naming the file.
 
 Models are the suite's tiny LDM (tests.helpers.tiny_ldm_config) on real MNIST digits; the
 class model is the session's shared `class_ldm`.
@@ -125,6 +126,8 @@ def test_upscale_job_outputs_every_input_at_f_times_its_size_and_resumes(random_
   assert _read(image_tasks.output_path(str(tmp_path / "t"), "c.jpg")).shape == (16, 22)
   with pytest.raises(JobError, match="differs in .*tile"):   # another job's --out
     image_tasks.run(random_sr, dataclasses.replace(job, tile=4), out, ONE_DEVICE)
+  with pytest.raises(JobError, match="--consistency: expected .* >= 0, got -1"):
+    image_tasks.run(random_sr, dataclasses.replace(job, consistency=-1), out, ONE_DEVICE)
 
 
 def test_upscale_refuses_a_model_that_is_not_super_resolution(class_ldm, tmp_path):
@@ -157,6 +160,15 @@ def test_blend_inpainting_keeps_the_known_region_and_fills_the_mask(class_ldm, t
     out = _read(image_tasks.output_path(str(tmp_path / "out"), f"{i}.png"))
     np.testing.assert_array_equal(out[~fill], source[~fill])   # composite: exactly the input
     assert np.abs(out[fill] - source[fill]).mean() > 1.0       # the fill is new content
+  # Pasted as sampled (--noseamless), the same fill meets the known pixels with a larger jump
+  # across the mask's edge than Poisson-blended (the default).
+  image_tasks.run(pipeline, dataclasses.replace(job, seamless=False), str(tmp_path / "pasted"),
+                  ONE_DEVICE)
+  edge = fill & ~np.roll(fill, 1, axis=1)                      # fill pixels with a known left
+  for i in range(2):
+    jumps = [np.abs(o[edge] - o[np.roll(edge, -1, axis=1)]).mean() for o in (
+        _read(image_tasks.output_path(str(tmp_path / d), f"{i}.png")) for d in ("out", "pasted"))]
+    assert jumps[0] < 0.8 * jumps[1], jumps       # measured 80 vs 168 and 97 vs 140
   # Under the composite, mask-blend sampling keeps the known latents exactly: a latent pixel
   # is regenerated only where one of its f x f pixels is to be filled.
   ldm, ae = pipeline.ldm, pipeline.frozen["autoencoder"]

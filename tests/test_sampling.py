@@ -300,3 +300,16 @@ def test_readme_documents_the_speed_flags():
   section = re.search(r"## Sampling and export\n(.*?)\n## ", readme, re.S).group(1)
   for flag in ("--batch_size", "--dtype", "--attention"):
     assert flag in section, flag
+
+
+def test_file_jobs_from_before_consistency_and_seamless_resume_as_they_ran(tmp_path):
+  """Upscale jobs recorded before --consistency were raw, inpaint jobs before --seamless pasted:
+  their folders resume under those values and refuse the new defaults, naming the field."""
+  for field, old_value, new_default in (("consistency", 0, 3), ("seamless", False, True)):
+    out = str(tmp_path / field)
+    os.makedirs(out)
+    with open(os.path.join(out, "job.json"), "w", encoding="utf-8") as f:
+      json.dump({"task": "x", "dtype": "float32"}, f)
+    sampling_job.check_job(out, {"task": "x", "dtype": "float32", field: old_value})
+    with pytest.raises(sampling_job.JobError, match=f"differs in {field}"):
+      sampling_job.check_job(out, {"task": "x", "dtype": "float32", field: new_default})
