@@ -14,9 +14,10 @@
    sr: PSNR and LPIPS (VGG) against the originals, of LDM-SR and of bicubic upsampling of the
    same inputs (bicubic-downsampled and BSR-degraded inputs), each also back-projected onto its
    input as sample.py's upscale does by default, and the LDM's raw samples;
-   inpaint: L1 in the masked region and LPIPS of the composited image, of the LDM and of two
-   simple fills (the mean colour of the known pixels; a normalised blur of them), and the
-   unmasked region's error without the composite next to the autoencoder's own
+   inpaint: L1 in the masked region and LPIPS of the composited image, of the LDM (Poisson-
+   blended as sample.py's inpaint does by default, and pasted) and of three simple fills (the
+   mean colour of the known pixels; a normalised blur of them; their harmonic interpolation),
+   and the unmasked region's error without the composite next to the autoencoder's own
    reconstruction error there.
    Writes <workdir>/<task>/results.json and a picture.
 
@@ -192,11 +193,12 @@ def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
 
 
 def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
-  """Masked-region L1/LPIPS of the LDM and two simple fills; the unmasked region's error."""
+  """Masked-region L1/LPIPS of the LDM (Poisson-blended and pasted) and three simple fills;
+  the unmasked region's error."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from scipy import ndimage
-  from ldm_jax import image_tasks
+  from ldm_jax import compositing, image_tasks
   from ldm_jax.data import masks
   from ldm_jax.data.preprocess import to_float
   target = to_float(hi)
@@ -208,24 +210,27 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
   names = _write_folder(inputs, hi)
   mask_dir = os.path.join(task_dir, "eval", "masks")
   _write_folder(mask_dir, (fill[..., 0] * 255).astype(np.uint8))
-  # One raw run; pasting the known pixels back here equals sample.py's composite exactly (the
-  # masks are binary, so each pixel is either the raw output's or the input's).
+  # One raw run; compositing here equals sample.py's composite up to the 8-bit rounding of the
+  # raw output (exactly, for the plain paste: the masks are binary).
   out = os.path.join(task_dir, "eval", "inpainted_raw")
   image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
                                                 steps=steps, composite=False), out)
   known = 1.0 - fill
   kept = target * known
 
-  def paste(fills):   # every fill is scored with the known pixels pasted back
-    return kept + fill * fills
+  def paste(fills, seamless=False):   # every fill is scored with the known pixels back
+    fills = np.broadcast_to(fills, target.shape)
+    return np.stack([compositing.composite(*a, seamless) for a in zip(target, fills, fill)])
 
   raw = _read_outputs(out, names)
-  ldm = paste(raw)
-  mean_fill = paste(kept.sum((1, 2), keepdims=True) / known.sum((1, 2), keepdims=True))
+  mean_colour = kept.sum((1, 2), keepdims=True) / known.sum((1, 2), keepdims=True)
   sigma = (0, 3, 3, 0)
-  blur_fill = paste(ndimage.gaussian_filter(kept, sigma) / np.maximum(
-      ndimage.gaussian_filter(np.broadcast_to(known, target.shape), sigma), 1e-3))
-  for name, images in (("ldm", ldm), ("mean_colour_fill", mean_fill), ("blur_fill", blur_fill)):
+  blur = ndimage.gaussian_filter(kept, sigma) / np.maximum(
+      ndimage.gaussian_filter(np.broadcast_to(known, target.shape), sigma), 1e-3)
+  ldm, mean_fill, blur_fill = paste(raw, seamless=True), paste(mean_colour), paste(blur)
+  for name, images in (("ldm", ldm), ("ldm_pasted", paste(raw)),
+                       ("mean_colour_fill", mean_fill), ("blur_fill", blur_fill),
+                       ("harmonic_fill", paste(mean_colour, seamless=True))):
     results[f"{name}_masked_l1"] = scorer.l1_in(images, fill)
     results[f"{name}_lpips"] = scorer.lpips_of(images)
   recon = _reconstruction(pipeline, target)
@@ -294,7 +299,7 @@ def _summary(task: str, r: dict) -> str:
   else:
     lines = [f"  {n}: masked-region L1 {r[f'{n}_masked_l1']:.4f}, LPIPS (composite) "
              f"{r[f'{n}_lpips']:.3f}"
-             for n in ("ldm", "mean_colour_fill", "blur_fill")]
+             for n in ("ldm", "ldm_pasted", "mean_colour_fill", "blur_fill", "harmonic_fill")]
     lines.append(f"  unmasked region without the composite: L1 "
                  f"{r['unmasked_l1_without_composite']:.4f} (autoencoder reconstruction "
                  f"{r['unmasked_l1_autoencoder_reconstruction']:.4f})")
