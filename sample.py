@@ -75,7 +75,9 @@ flags.DEFINE_bool("seamless", True, "inpaint with --composite: Poisson-blend the
                   "a seam or colour shift); --noseamless pastes it as sampled.")
 flags.DEFINE_integer("consistency", 3, "upscale: iterations of back-projection onto the input "
                      "(the output plus the bicubic upsampling of its downsampling's residual), "
-                     "so that the output downsampled matches the input; 0 = the raw sample.")
+                     "so that the output downsampled matches the input; 0 = the raw sample. It "
+                     "assumes a bicubic downsampling and carries some of a noisy input's noise "
+                     "back (on the CIFAR recipe's BSR inputs it still helps: RESULTS.md).")
 flags.DEFINE_string("out", None, "Output folder (resumable).")
 flags.DEFINE_integer("num_samples", 0, "Samples of an unconditional model (or spread over all "
                      "classes of a class-conditional one).")

@@ -99,7 +99,7 @@ def check_task(pipeline: Pipeline, job: FileJob) -> str:
   cond = pipeline.ldm.cond
   if job.task not in TASKS:
     raise JobError(f"--task: expected one of generate, {', '.join(TASKS)}, got '{job.task}'")
-  if job.consistency < 0:
+  if job.task == "upscale" and job.consistency < 0:
     raise JobError(f"--consistency: expected a number of iterations >= 0, got {job.consistency}")
   if job.image_size and job.task != "layout":
     raise JobError(f"--image_size: --task={job.task} takes the size of each input; drop it")
@@ -212,6 +212,19 @@ def _output_size(pipeline: Pipeline, item: _Item, mode: str) -> tuple[int, int]:
   return (item.size[0] * f, item.size[1] * f) if mode == "sr" else item.size
 
 
+def _finish(pipeline: Pipeline, job: FileJob, mode: str, item: _Item, image: np.ndarray,
+            image_in: np.ndarray | None, mask: np.ndarray | None) -> np.ndarray:
+  """A sample cropped to its input's output size, then composited (inpaint) or back-projected
+  onto its input (upscale) as the job asks."""
+  h, w = _output_size(pipeline, item, mode)
+  image = image[:h, :w]
+  if mode.endswith("inpaint") and job.composite:
+    return compositing.composite(image_in, image, mask, job.seamless)
+  if mode == "sr" and job.consistency:
+    return degradations.back_project(image, image_in, job.consistency)
+  return image
+
+
 def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
   spec = dataclasses.asdict(job)
   spec.pop("batch_size")
@@ -259,19 +272,15 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
         idx = np.asarray([it.index for it in group], np.int32)
         images = np.asarray(multihost_utils.process_allgather(
             generate(params, frozen, key, *global_batch((idx, cond), mesh)), tiled=True))
-        new = []
-        for it, (_, image_in, mask), image in zip(group, loaded, images):
-          h, w = _output_size(pipeline, it, mode)
-          image = image[:h, :w]
-          if mode.endswith("inpaint") and job.composite:
-            image = compositing.composite(image_in, image, mask, job.seamless)
-          if mode == "sr" and job.consistency:
-            image = degradations.back_project(image, image_in, job.consistency)
-          new.append((output_path(out, it.relative), image))
-        if jax.process_index() == 0:
-          for path in {os.path.dirname(p) for p, _ in new}:
+        if jax.process_index() == 0:   # the writer's process finishes each output once
+          new = {}                     # (padding repeats the last item)
+          for it, (_, image_in, mask), image in zip(group, loaded, images):
+            path = output_path(out, it.relative)
+            if path not in new:
+              new[path] = _finish(pipeline, job, mode, it, image, image_in, mask)
+          for path in {os.path.dirname(p) for p in new}:
             os.makedirs(path, exist_ok=True)
-          writer.put(list(dict(new).items()))   # padding repeats the last item: once
+          writer.put(list(new.items()))
         progress.advance(len({it.index for it in group}))
     multihost_utils.sync_global_devices("ldm_jax file job end")
   return {"generated": writer.written, "skipped": len(items) - len(todo),

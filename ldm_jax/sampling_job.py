@@ -121,7 +121,10 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
       existing.setdefault("seamless", False)
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
-      hint = f" (or rerun with --dtype={existing['dtype']})" if diff == ["dtype"] else ""
+      flags = {"dtype": f"--dtype={existing['dtype']}",
+               "consistency": f"--consistency={existing.get('consistency')}",
+               "seamless": "--seamless" if existing.get("seamless") else "--noseamless"}
+      hint = f" (or rerun with {flags[diff[0]]})" if len(diff) == 1 and diff[0] in flags else ""
       raise JobError(f"'{out}' holds samples of a different job (differs in {', '.join(diff)}); "
                      f"use another --out or delete it{hint}")
   elif jax.process_index() == 0:

@@ -130,6 +130,16 @@ def test_upscale_job_outputs_every_input_at_f_times_its_size_and_resumes(random_
     image_tasks.run(random_sr, dataclasses.replace(job, consistency=-1), out, ONE_DEVICE)
 
 
+def test_a_job_records_consistency_and_seamless_only_where_they_act(random_sr):
+  """Fields that do nothing for a job stay out of its spec, so they cannot block a resume."""
+  def keys(task, **kw):
+    return set(image_tasks._spec(random_sr, image_tasks.FileJob(task, "in", **kw), []))  # pylint: disable=protected-access
+  assert "consistency" in keys("upscale") and "seamless" not in keys("upscale")
+  assert "seamless" in keys("inpaint") and "consistency" not in keys("inpaint")
+  assert "seamless" not in keys("inpaint", composite=False)
+  assert not {"seamless", "consistency"} & keys("semantic")
+
+
 def test_upscale_refuses_a_model_that_is_not_super_resolution(class_ldm, tmp_path):
   pipeline = load_pipeline(class_ldm[1])
   _save(str(tmp_path / "in" / "a.png"), np.zeros((8, 8)))

@@ -304,12 +304,14 @@ def test_readme_documents_the_speed_flags():
 
 def test_file_jobs_from_before_consistency_and_seamless_resume_as_they_ran(tmp_path):
   """Upscale jobs recorded before --consistency were raw, inpaint jobs before --seamless pasted:
-  their folders resume under those values and refuse the new defaults, naming the field."""
-  for field, old_value, new_default in (("consistency", 0, 3), ("seamless", False, True)):
+  their folders resume under those values and refuse the new defaults, naming the field and the
+  flag that resumes them."""
+  for field, old_value, new_default, flag in (("consistency", 0, 3, "--consistency=0"),
+                                              ("seamless", False, True, "--noseamless")):
     out = str(tmp_path / field)
     os.makedirs(out)
     with open(os.path.join(out, "job.json"), "w", encoding="utf-8") as f:
       json.dump({"task": "x", "dtype": "float32"}, f)
     sampling_job.check_job(out, {"task": "x", "dtype": "float32", field: old_value})
-    with pytest.raises(sampling_job.JobError, match=f"differs in {field}"):
+    with pytest.raises(sampling_job.JobError, match=f"differs in {field}\\).*rerun with {flag}"):
       sampling_job.check_job(out, {"task": "x", "dtype": "float32", field: new_default})
