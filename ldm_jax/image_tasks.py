@@ -29,6 +29,7 @@ stops the job with one line naming the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -192,7 +193,8 @@ def _load(pipeline: Pipeline, job: FileJob, mode: str,
   data = _read_input(pipeline, job, mode, item.relative)
   multiple = ldm.first.downsample_factor * ldm.unet_multiple
   if mode == "sr":
-    return {"lowres": to_float(_pad_to(data, ldm.unet_multiple))}, to_float(data), None
+    lowres = to_float(data)
+    return {"lowres": _pad_to(lowres, ldm.unet_multiple)}, lowres, None
   if mode == "semantic":
     return {"segmentation": _pad_to(data[..., None], multiple)[..., 0]}, None, None
   if mode == "layout":
@@ -272,12 +274,11 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
         idx = np.asarray([it.index for it in group], np.int32)
         images = np.asarray(multihost_utils.process_allgather(
             generate(params, frozen, key, *global_batch((idx, cond), mesh)), tiled=True))
-        if jax.process_index() == 0:   # the writer's process finishes each output once
-          new = {}                     # (padding repeats the last item)
-          for it, (_, image_in, mask), image in zip(group, loaded, images):
-            path = output_path(out, it.relative)
-            if path not in new:
-              new[path] = _finish(pipeline, job, mode, it, image, image_in, mask)
+        if jax.process_index() == 0:   # the writer's thread finishes each output once, while
+          new = {}                     # the devices run the next batch (padding repeats the
+          for it, (_, image_in, mask), image in zip(group, loaded, images):   # last item)
+            new.setdefault(output_path(out, it.relative), functools.partial(
+                _finish, pipeline, job, mode, it, image, image_in, mask))
           for path in {os.path.dirname(p) for p in new}:
             os.makedirs(path, exist_ok=True)
           writer.put(list(new.items()))

@@ -105,6 +105,18 @@ def _png_path(out: str, i: int) -> str:
   return os.path.join(out, "images", f"{i:06d}.png")
 
 
+# Job fields added after jobs were first recorded, and the value a job from before them ran
+# with: sampling jobs had no negative prompt, upscale jobs were raw, inpaint jobs pasted.
+ADDED_FIELDS = {"negative_prompt": None, "consistency": 0, "seamless": False}
+
+
+def _flag(field: str, value) -> str:
+  """The command-line flag that sets a job field to `value`."""
+  if isinstance(value, bool):
+    return f"--{'' if value else 'no'}{field}"
+  return f"--{field}={value}"
+
+
 def check_job(out: str, spec: dict, trained_dtype: str | None = None):
   """Records the job's spec in out/job.json, or checks the one there is the same. Jobs from
   before the spec had a dtype sampled in the model's own (`trained_dtype`)."""
@@ -113,18 +125,13 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     with open(path, encoding="utf-8") as f:
       existing = json.load(f)
     existing.setdefault("dtype", resolve_dtype(trained_dtype) if trained_dtype else spec["dtype"])
-    if "negative_prompt" in spec:                  # sampling jobs from before the field
-      existing.setdefault("negative_prompt", None)
-    if "consistency" in spec:                      # upscale jobs from before it were raw
-      existing.setdefault("consistency", 0)
-    if "seamless" in spec:                         # inpaint jobs from before it pasted
-      existing.setdefault("seamless", False)
+    for field, before in ADDED_FIELDS.items():
+      if field in spec:
+        existing.setdefault(field, before)
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
-      flags = {"dtype": f"--dtype={existing['dtype']}",
-               "consistency": f"--consistency={existing.get('consistency')}",
-               "seamless": "--seamless" if existing.get("seamless") else "--noseamless"}
-      hint = f" (or rerun with {flags[diff[0]]})" if len(diff) == 1 and diff[0] in flags else ""
+      hint = (f" (or rerun with {_flag(diff[0], existing[diff[0]])})"
+              if len(diff) == 1 and diff[0] in ("dtype", "consistency", "seamless") else "")
       raise JobError(f"'{out}' holds samples of a different job (differs in {', '.join(diff)}); "
                      f"use another --out or delete it{hint}")
   elif jax.process_index() == 0:
@@ -273,7 +280,8 @@ class Progress:
 
 
 class Writer:
-  """Writes batches of PNGs on one background thread while the devices compute the next.
+  """Writes batches of PNGs (and finishes them, when given functions) on one background thread
+  while the devices compute the next.
 
   At most `depth` batches wait in its queue (put blocks beyond that), so host memory stays
   bounded. Each PNG is written atomically (save_png), so an interrupted job leaves every sample
@@ -302,7 +310,8 @@ class Writer:
       self._raise_if_failed()
 
   def put(self, items: list[tuple[str, np.ndarray]]):
-    """Queues (path, float image) pairs; raises the error of an earlier batch's write."""
+    """Queues (path, float image) pairs, or (path, a function of no arguments returning the
+    image) for work the thread should do too; raises the error of an earlier batch's write."""
     self._raise_if_failed()
     self._queue.put(items)
 
@@ -312,7 +321,7 @@ class Writer:
         if self._stop.is_set() or self._error is not None:
           break
         try:
-          save_png(path, to_uint8(image))
+          save_png(path, to_uint8(image() if callable(image) else image))
           self.written += 1
         except BaseException as e:  # pylint: disable=broad-except  (re-raised by the caller)
           self._error = (path, e)

@@ -142,3 +142,14 @@ def captioned_digits_tfds(data_dir):
   if not builder.is_prepared():
     builder.download_and_prepare()
   return str(data_dir)
+
+
+def pil_bicubic(image, height: int, width: int):
+  """A float (H, W) or (H, W, C) image resized with PIL's bicubic filter (antialiased when
+  downsampling: the 'bicubic' degradation), channel by channel in float: an independent
+  reference for ldm_jax.data.degradations."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  planes = image[..., None] if image.ndim == 2 else image
+  out = np.stack([np.asarray(Image.fromarray(np.float32(planes[..., c]), "F").resize(
+      (width, height), Image.Resampling.BICUBIC)) for c in range(planes.shape[-1])], -1)
+  return out[..., 0] if image.ndim == 2 else out

@@ -22,7 +22,7 @@ from ldm_jax.errors import JobError
 from ldm_jax.first_stage import load_first_stage
 from ldm_jax.inference import Pipeline, load_pipeline
 from ldm_jax.ldm import LatentDiffusion
-from tests.helpers import digit_source, tiny_ldm_config
+from tests.helpers import digit_source, pil_bicubic, tiny_ldm_config
 
 ONE_DEVICE = Mesh(np.asarray(jax.devices()[:1]), ("data",))
 
@@ -34,11 +34,6 @@ def _save(path, array):
 
 def _read(path):
   return np.asarray(Image.open(path), np.float32)
-
-
-def _downsample(image, shape):
-  """PIL's antialiased bicubic (the 'bicubic' degradation), in float."""
-  return np.asarray(Image.fromarray(image, "F").resize(shape[::-1], Image.Resampling.BICUBIC))
 
 
 # -- tiling ------------------------------------------------------------------------------------
@@ -108,7 +103,7 @@ def test_upscale_job_outputs_every_input_at_f_times_its_size_and_resumes(random_
                         ONE_DEVICE)
   assert raw["generated"] == 2
   given = _read(str(tmp_path / "in" / "a.png"))
-  residual = {name: np.abs(_downsample(_read(image_tasks.output_path(d, "a.png")), given.shape)
+  residual = {name: np.abs(pil_bicubic(_read(image_tasks.output_path(d, "a.png")), *given.shape)
                           - given).mean()
               for name, d in (("consistent", out), ("raw", str(tmp_path / "raw")))}
   assert residual["consistent"] < 0.25 * residual["raw"], residual   # measured 12.8 vs 71.0

@@ -157,7 +157,7 @@ def _reconstruction(pipeline, target):
 
 def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
   """PSNR/LPIPS of LDM-SR and of bicubic upsampling, for bicubic and BSR 8 px inputs; each also
-  back-projected onto its input (sample.py's default --consistency=3, applied here to the raw
+  back-projected onto its input (sample.py's default --consistency, applied here to the raw
   samples read back, so up to their 8-bit rounding), and the LDM's raw samples."""
   # pylint: disable=g-import-not-at-top
   import numpy as np
@@ -182,7 +182,7 @@ def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
     up = lambda mode: to_float(np.stack([np.asarray(Image.fromarray(x).resize(  # noqa: E731
         (32, 32), mode)) for x in low]))
     project = lambda images: np.stack([degradations.back_project(  # noqa: E731
-        x, to_float(y), 3) for x, y in zip(images, low)])
+        x, to_float(y), image_tasks.FileJob.consistency) for x, y in zip(images, low)])
     bic, sr = up(Image.Resampling.BICUBIC), project(raw)
     for name, images in (("bicubic_upsampling", bic), ("bicubic_back_projected", project(bic)),
                          ("ldm_sr_raw", raw), ("ldm_sr", sr)):

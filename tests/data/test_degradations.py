@@ -8,6 +8,7 @@ from ldm_jax.data import degradations
 from ldm_jax.data.conditions import check_cacheable
 from ldm_jax.errors import ConfigError
 from tests.conftest import load_config
+from tests.helpers import pil_bicubic
 
 
 def _photo(size=32, seed=0):
@@ -77,12 +78,6 @@ def test_convolve_reflect_matches_scipy_ndimage(size):
   np.testing.assert_allclose(degradations.convolve_reflect(x, k), want, atol=1e-6)
 
 
-def _pil_down(x, size):
-  """Float [-1, 1] HWC -> (size, size) with PIL's antialiased bicubic, channel by channel."""
-  return np.stack([np.asarray(Image.fromarray(np.float32(x[..., c]), "F").resize(
-      (size, size), Image.Resampling.BICUBIC)) for c in range(x.shape[-1])], -1)
-
-
 def test_back_projection_makes_the_upscale_consistent_and_keeps_its_detail():
   high = _photo().astype(np.float32) / 127.5 - 1
   low = degradations.bicubic(_photo(), 8)
@@ -90,13 +85,13 @@ def test_back_projection_makes_the_upscale_consistent_and_keeps_its_detail():
   # An upscale whose colours are off (a low-frequency error) plus detail of its own.
   detail = 0.1 * np.where((np.indices((32, 32)).sum(0) % 2)[..., None] == 0, 1.0, -1.0)
   upscaled = np.clip(0.7 * high + 0.2 + detail + 0.02 * rng.normal(size=high.shape), -1, 1)
-  before = np.abs(_pil_down(upscaled, 8) - low).mean()
+  before = np.abs(pil_bicubic(upscaled, 8, 8) - low).mean()
   fixed = degradations.back_project(upscaled, low, iterations=3)
-  after = np.abs(_pil_down(fixed, 8) - low).mean()
+  after = np.abs(pil_bicubic(fixed, 8, 8) - low).mean()
   assert after < 0.1 * before, (before, after)
   # The checkerboard lies above the 8 px band: back-projection leaves most of it.
   sign = np.sign(detail[..., 0])
-  kept = ((fixed - _pil_down(fixed, 8).repeat(4, 0).repeat(4, 1)).mean(-1) * sign).mean()
+  kept = ((fixed - pil_bicubic(fixed, 8, 8).repeat(4, 0).repeat(4, 1)).mean(-1) * sign).mean()
   assert kept > 0.05, kept
   np.testing.assert_array_equal(degradations.back_project(upscaled, low, iterations=0),
                                 upscaled.astype(np.float32))
