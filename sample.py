@@ -73,6 +73,11 @@ flags.DEFINE_bool("composite", True, "inpaint: paste the known pixels back, so t
 flags.DEFINE_bool("seamless", True, "inpaint with --composite: Poisson-blend the fill into the "
                   "known pixels (it gets the smooth correction that makes it meet them without "
                   "a seam or colour shift); --noseamless pastes it as sampled.")
+flags.DEFINE_bool("keep_known", True, "inpaint with an inpainting model (cond.concat="
+                  "'inpaint'): also replace the known region's latents, noised to the current "
+                  "level, at every step (mask-blend, as for other models), so the fill is "
+                  "sampled around the input's own latents; --nokeep_known uses the concat "
+                  "condition alone.")
 flags.DEFINE_integer("consistency", 3, "upscale: iterations of back-projection onto the input "
                      "(the output plus the bicubic upsampling of its downsampling's residual), "
                      "so that the output downsampled matches the input; 0 = the raw sample. It "
@@ -165,7 +170,8 @@ def _run_file_job(pipeline, classes):
       FLAGS.task, FLAGS.inputs, FLAGS.masks, classes[0] if classes else None, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, sampler=FLAGS.sampler, steps=FLAGS.steps, eta=FLAGS.eta,
       guidance_scale=FLAGS.guidance_scale, spacing=FLAGS.spacing, tile=FLAGS.tile,
-      composite=FLAGS.composite, seamless=FLAGS.seamless, consistency=FLAGS.consistency,
+      composite=FLAGS.composite, seamless=FLAGS.seamless, keep_known=FLAGS.keep_known,
+      consistency=FLAGS.consistency,
       image_size=FLAGS.image_size or 0)
   result = image_tasks.run(pipeline, job, FLAGS.out)
   print(f"{FLAGS.task}: {result['generated']} images written to {FLAGS.out}/images "

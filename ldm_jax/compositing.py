@@ -4,8 +4,8 @@ A seamless composite (Poisson image editing, Perez et al. 2003, with the fill's 
 the guidance field) keeps the known pixels and adds to the fill the harmonic function that
 equals, on the known pixels around it, the input minus the fill. The fill's detail stays; its
 colour and brightness errors, which show as a seam at the mask's edge, are carried away. On the
-CIFAR-10 inpainting recipe this takes the LDM's masked-region L1 from 0.174 to 0.123 and the
-composite's LPIPS from 0.270 to 0.187 (benchmarks/RESULTS.md). Runs on the host, one sparse
+CIFAR-10 inpainting recipe this takes the LDM's masked-region L1 from 0.169 to 0.118 and the
+composite's LPIPS from 0.262 to 0.181 (benchmarks/RESULTS.md). Runs on the host, one sparse
 solve per image: about 3 s for a 400 x 400 fill region on one core.
 """
 from __future__ import annotations

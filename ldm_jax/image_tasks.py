@@ -9,9 +9,10 @@ masks, render semantic label maps and box layouts, on every device, one output P
            data/degradations.back_project), so that downsampled it matches the input.
   inpaint  fills the white region of each --masks PNG (same relative path as its image, same
            size) in its image: an inpainting model (cond.concat='inpaint') conditions on the
-           masked image; any other unconditional or class model inpaints by mask-blend
-           sampling. The known pixels are pasted back (composite), so they equal the input, and
-           the fill is Poisson-blended into them (--seamless, default on: compositing.py).
+           masked image and also keeps the known latents at every step (--keep_known); any
+           other unconditional or class model inpaints by mask-blend sampling alone. The known
+           pixels are pasted back (composite), so they equal the input, and the fill is
+           Poisson-blended into them (--seamless, default on: compositing.py).
            --tile bounds the denoiser's and decoder's memory; the encoder sees the whole image.
   semantic a semantic-synthesis model (cond.concat='segmentation') renders each label-map PNG
            of --inputs (one class index per pixel) at the map's size, which may be larger than
@@ -71,6 +72,7 @@ class FileJob:
   tile: int = 0
   composite: bool = True
   seamless: bool = True        # inpaint with composite: Poisson-blend the fill (else paste)
+  keep_known: bool = True      # inpaint with an inpainting model: mask-blend at every step too
   consistency: int = 3         # upscale: back-projection iterations onto the input (0: off)
   image_size: int = 0          # layout: the canvas side (0: the model's training size)
 
@@ -227,7 +229,7 @@ def _finish(pipeline: Pipeline, job: FileJob, mode: str, item: _Item, image: np.
   return image
 
 
-def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
+def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item], mode: str) -> dict:
   spec = dataclasses.asdict(job)
   spec.pop("batch_size")
   spec["inputs"] = digest([(it.relative, list(it.size)) for it in items])
@@ -236,6 +238,8 @@ def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item]) -> dict:
     spec.pop("consistency")
   if job.task != "inpaint" or not job.composite:
     spec.pop("seamless")
+  if mode != "concat_inpaint":
+    spec.pop("keep_known")
   spec["model"] = pipeline.source
   spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)
   return spec
@@ -259,7 +263,7 @@ def run(pipeline: Pipeline, job: FileJob, out: str, mesh: Mesh | None = None) ->
   items = _items(pipeline, job, mode)
   with locks.lock_folder(out, "sampling job", enabled=jax.process_index() == 0):
     mesh = mesh or Mesh(np.asarray(jax.devices()), ("data",))
-    check_job(out, _spec(pipeline, job, items), pipeline.trained_dtype)
+    check_job(out, _spec(pipeline, job, items, mode), pipeline.trained_dtype)
     multihost_utils.sync_global_devices("ldm_jax file job start")
     todo = [it for it in items if not os.path.exists(output_path(out, it.relative))]
     logger.info("%s: %d input(s), %d already done, on %d %s device(s)", job.task, len(items),
@@ -319,6 +323,8 @@ def _compile(pipeline: Pipeline, job: FileJob, mode: str, mesh: Mesh):
   generate = jax.jit(pipeline.make_generate(
       sampler=job.sampler, steps=job.steps, eta=job.eta, guidance_scale=job.guidance_scale,
       spacing=job.spacing, image_size=_canvas(pipeline, job) if mode == "layout" else None,
-      tile=job.tile, inpaint=mode == "blend_inpaint", tile_denoising=True),
+      tile=job.tile, inpaint=mode == "blend_inpaint" or (mode == "concat_inpaint"
+                                                          and job.keep_known),
+      tile_denoising=True),
       in_shardings=(rep, rep, rep, sharded, sharded), out_shardings=sharded)
   return generate, jax.device_put(pipeline.params, rep), jax.device_put(pipeline.frozen, rep)

@@ -106,8 +106,10 @@ def _png_path(out: str, i: int) -> str:
 
 
 # Job fields added after jobs were first recorded, and the value a job from before them ran
-# with: sampling jobs had no negative prompt, upscale jobs were raw, inpaint jobs pasted.
-ADDED_FIELDS = {"negative_prompt": None, "consistency": 0, "seamless": False}
+# with: sampling jobs had no negative prompt, upscale jobs were raw, inpaint jobs pasted, and
+# inpainting models' jobs took the known region from the concat condition alone.
+ADDED_FIELDS = {"negative_prompt": None, "consistency": 0, "seamless": False,
+                "keep_known": False}
 
 
 def _flag(field: str, value) -> str:
@@ -131,7 +133,8 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = (f" (or rerun with {_flag(diff[0], existing[diff[0]])})"
-              if len(diff) == 1 and diff[0] in ("dtype", "consistency", "seamless") else "")
+              if len(diff) == 1 and diff[0] in ("dtype", "consistency", "seamless", "keep_known")
+              else "")
       raise JobError(f"'{out}' holds samples of a different job (differs in {', '.join(diff)}); "
                      f"use another --out or delete it{hint}")
   elif jax.process_index() == 0:

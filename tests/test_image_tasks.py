@@ -127,12 +127,35 @@ def test_upscale_job_outputs_every_input_at_f_times_its_size_and_resumes(random_
 
 def test_a_job_records_consistency_and_seamless_only_where_they_act(random_sr):
   """Fields that do nothing for a job stay out of its spec, so they cannot block a resume."""
-  def keys(task, **kw):
-    return set(image_tasks._spec(random_sr, image_tasks.FileJob(task, "in", **kw), []))  # pylint: disable=protected-access
-  assert "consistency" in keys("upscale") and "seamless" not in keys("upscale")
-  assert "seamless" in keys("inpaint") and "consistency" not in keys("inpaint")
-  assert "seamless" not in keys("inpaint", composite=False)
-  assert not {"seamless", "consistency"} & keys("semantic")
+  def keys(task, mode, **kw):
+    return set(image_tasks._spec(random_sr, image_tasks.FileJob(task, "in", **kw), [], mode))  # pylint: disable=protected-access
+  assert "consistency" in keys("upscale", "sr") and "seamless" not in keys("upscale", "sr")
+  assert "seamless" in keys("inpaint", "blend_inpaint")
+  assert "consistency" not in keys("inpaint", "blend_inpaint")
+  assert "seamless" not in keys("inpaint", "blend_inpaint", composite=False)
+  assert "keep_known" in keys("inpaint", "concat_inpaint")
+  assert "keep_known" not in keys("inpaint", "blend_inpaint")
+  assert not {"seamless", "consistency", "keep_known"} & keys("semantic", "semantic")
+
+
+@pytest.mark.parametrize("mode,keep_known,blends", [
+    ("concat_inpaint", True, True), ("concat_inpaint", False, False),
+    ("blend_inpaint", False, True), ("sr", True, False)])
+def test_keep_known_makes_an_inpainting_models_job_mask_blend(mode, keep_known, blends):
+  """--keep_known (default on) asks the sampler to keep the known latents for an inpainting
+  model's job too (what that does is tested on the sampler and in the blend-inpainting job)."""
+  asked = {}
+
+  class Recorder:
+    params = frozen = {}
+
+    def make_generate(self, **kw):
+      asked.update(kw)
+      return lambda *a: None
+
+  job = image_tasks.FileJob("inpaint", "in", keep_known=keep_known)
+  image_tasks._compile(Recorder(), job, mode, ONE_DEVICE)  # pylint: disable=protected-access
+  assert asked["inpaint"] is blends
 
 
 def test_upscale_refuses_a_model_that_is_not_super_resolution(class_ldm, tmp_path):

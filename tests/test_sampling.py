@@ -303,11 +303,13 @@ def test_readme_documents_the_speed_flags():
 
 
 def test_file_jobs_from_before_consistency_and_seamless_resume_as_they_ran(tmp_path):
-  """Upscale jobs recorded before --consistency were raw, inpaint jobs before --seamless pasted:
+  """Upscale jobs recorded before --consistency were raw, inpaint jobs before --seamless pasted
+  (and before --keep_known, an inpainting model's took the concat condition alone):
   their folders resume under those values and refuse the new defaults, naming the field and the
   flag that resumes them."""
   for field, old_value, new_default, flag in (("consistency", 0, 3, "--consistency=0"),
-                                              ("seamless", False, True, "--noseamless")):
+                                              ("seamless", False, True, "--noseamless"),
+                                              ("keep_known", False, True, "--nokeep_known")):
     out = str(tmp_path / field)
     os.makedirs(out)
     with open(os.path.join(out, "job.json"), "w", encoding="utf-8") as f:

@@ -213,8 +213,9 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
   mask_dir = os.path.join(task_dir, "eval", "masks")
   _write_folder(mask_dir, (fill[..., 0] * 255).astype(np.uint8))
   # One raw run; compositing here equals sample.py's composite up to the 8-bit rounding of the
-  # raw output (exactly, for the plain paste: the masks are binary).
-  out = os.path.join(task_dir, "eval", "inpainted_raw")
+  # raw output (exactly, for the plain paste: the masks are binary). Known latents kept at every
+  # step (sample.py's default; "inpainted_raw" holds an older workdir's run without).
+  out = os.path.join(task_dir, "eval", "inpainted_kept")
   image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
                                                 steps=steps, composite=False), out)
   known = 1.0 - fill
