@@ -26,13 +26,14 @@ def harmonic_correction(residual: np.ndarray, fill: np.ndarray) -> np.ndarray:
   h, w = fill.shape
   out = np.where(fill[..., None], 0.0, residual).astype(np.float64)
   ys, xs = np.nonzero(fill)
-  if len(ys) == 0:
+  n = len(ys)
+  if n == 0:
     return out.astype(np.float32)
   index = -np.ones((h, w), np.int64)
-  index[ys, xs] = np.arange(len(ys))
+  index[ys, xs] = np.arange(n)
   rows, cols = [], []
-  diagonal = np.full(len(ys), _REGULARISER)
-  rhs = np.zeros((len(ys), residual.shape[-1]))
+  diagonal = np.full(n, _REGULARISER)
+  rhs = np.zeros((n, residual.shape[-1]))
   for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
     ny, nx = ys + dy, xs + dx
     inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
@@ -43,7 +44,6 @@ def harmonic_correction(residual: np.ndarray, fill: np.ndarray) -> np.ndarray:
     cols.append(index[ny[unknown], nx[unknown]])
     known = inside & ~unknown
     np.add.at(rhs, np.nonzero(known)[0], out[ny[known], nx[known]])
-  n = len(ys)
   rows, cols = np.concatenate(rows), np.concatenate(cols)
   laplacian = sparse.csc_matrix(
       (np.concatenate([diagonal, -np.ones(len(rows))]),

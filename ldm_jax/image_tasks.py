@@ -229,17 +229,22 @@ def _finish(pipeline: Pipeline, job: FileJob, mode: str, item: _Item, image: np.
   return image
 
 
+# Job fields that act in these modes only; elsewhere they stay out of the job's spec, so that
+# they cannot block a resume (seamless acts only with composite, too).
+_MODE_FIELDS = {"consistency": ("sr",), "seamless": ("concat_inpaint", "blend_inpaint"),
+                "keep_known": ("concat_inpaint",)}
+
+
 def _spec(pipeline: Pipeline, job: FileJob, items: list[_Item], mode: str) -> dict:
   spec = dataclasses.asdict(job)
   spec.pop("batch_size")
   spec["inputs"] = digest([(it.relative, list(it.size)) for it in items])
   spec["masks"] = bool(job.masks)
-  if job.task != "upscale":
-    spec.pop("consistency")
-  if job.task != "inpaint" or not job.composite:
-    spec.pop("seamless")
-  if mode != "concat_inpaint":
-    spec.pop("keep_known")
+  for field, modes in _MODE_FIELDS.items():
+    if mode not in modes:
+      spec.pop(field)
+  if not job.composite:
+    spec.pop("seamless", None)
   spec["model"] = pipeline.source
   spec["dtype"] = resolve_dtype(pipeline.config.train.compute_dtype)
   return spec

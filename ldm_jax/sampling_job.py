@@ -110,6 +110,8 @@ def _png_path(out: str, i: int) -> str:
 # inpainting models' jobs took the known region from the concat condition alone.
 ADDED_FIELDS = {"negative_prompt": None, "consistency": 0, "seamless": False,
                 "keep_known": False}
+# Fields whose old value a flag can restore, named in the hint of a folder that differs in one.
+_RESTORABLE = ("dtype", *(f for f, before in ADDED_FIELDS.items() if before is not None))
 
 
 def _flag(field: str, value) -> str:
@@ -133,8 +135,7 @@ def check_job(out: str, spec: dict, trained_dtype: str | None = None):
     if existing != spec:
       diff = sorted(k for k in set(existing) | set(spec) if existing.get(k) != spec.get(k))
       hint = (f" (or rerun with {_flag(diff[0], existing[diff[0]])})"
-              if len(diff) == 1 and diff[0] in ("dtype", "consistency", "seamless", "keep_known")
-              else "")
+              if len(diff) == 1 and diff[0] in _RESTORABLE else "")
       raise JobError(f"'{out}' holds samples of a different job (differs in {', '.join(diff)}); "
                      f"use another --out or delete it{hint}")
   elif jax.process_index() == 0:
