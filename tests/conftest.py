@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import ldm_jax  # noqa: E402,F401  (XLA's CPU kernels, chosen before JAX starts: ldm_jax/xla_cpu.py)
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 

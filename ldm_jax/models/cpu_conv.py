@@ -1,12 +1,17 @@
-"""A faster CPU convolution: the gradients, and the forward pass on small feature maps, written
-as one matmul of the input's shifted copies (im2col); XLA's convolution forward elsewhere.
+"""A faster CPU convolution: tiny feature maps (and, under YNNPACK's kernels, the gradients and
+small maps) written as one matmul of the input's shifted copies (im2col); XLA's elsewhere.
+Accelerators keep XLA's own convolution. Same numbers either way, up to float rounding.
+
+With Eigen's kernels (ldm_jax/xla_cpu.py, the default since 2026-12-04) XLA's convolution is as
+fast as the matmul form or faster everywhere but on maps of at most TINY_MAP_PIXELS outputs,
+where it is 3-100x slower (16x2x2x512 -> 512: 204 ms forward against 2.6). What follows was
+measured under YNNPACK's kernels, and its rules apply only there.
 
 Why: XLA's CPU convolution gradients (input and kernel) ran 3-6x its forward time and were most
 of the conv time in the UNet's fwd+bwd; the matmul form's gradients are XLA dot kernels. The
 ImageNet UNet's fwd+bwd took 0.85x the time (benchmarks/conv.py --unet, RESULTS.md). XLA's
 forward is the faster one on large maps but slow on small ones: at 8x8 (the ImageNet UNet's
 deepest level) the matmul form took 0.58-0.87x its time, at 16x16 and up 1.3-1.8x.
-Accelerators keep XLA's own convolution. Same numbers either way, up to float rounding.
 """
 from __future__ import annotations
 
@@ -16,10 +21,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ldm_jax import xla_cpu
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
-# Narrower convolutions keep XLA's gradients: 4 -> 256 channels ran 1.2x slower this way, and
-# 32 -> 32 at 32x32 2x slower ...
+# Eigen's kernels: maps of at most this many output pixels (2x2) take the matmul form.
+TINY_MAP_PIXELS = 4
+
+# YNNPACK's kernels: narrower convolutions keep XLA's gradients (4 -> 256 channels ran 1.2x
+# slower this way, and 32 -> 32 at 32x32 2x slower) ...
 MIN_CHANNELS = 128
 # ... except on input maps of at most SMALL_MAP_PIXELS (16x16) from SMALL_MAP_CHANNELS inputs:
 # the CIFAR recipes' models (32-128 channels) ran their UNet forward in 0.86-0.89x the time and
@@ -37,11 +47,15 @@ def _pads(lhs, rhs, padding) -> list[tuple[int, int]]:
   return [(int(lo), int(hi)) for lo, hi in padding]
 
 
+def _out_pixels(x, w, pads) -> int:
+  return ((x.shape[1] + sum(pads[0]) - w.shape[0] + 1)
+          * (x.shape[2] + sum(pads[1]) - w.shape[1] + 1))
+
+
 def _forward(x, w, pads):
   """im2col on small output maps, XLA's convolution on larger ones (see the module docstring)."""
-  out_h = x.shape[1] + sum(pads[0]) - w.shape[0] + 1
-  out_w = x.shape[2] + sum(pads[1]) - w.shape[1] + 1
-  if out_h * out_w <= MAX_MATMUL_FORWARD_PIXELS:
+  if _out_pixels(x, w, pads) <= (TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
+                                 else MAX_MATMUL_FORWARD_PIXELS):
     return patch_matmul(x, w, pads)
   return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
 
@@ -77,22 +91,27 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kw):
-  """lax.conv_general_dilated's signature (what flax's nn.Conv calls): stride-1, undilated,
-  ungrouped NHWC convolutions of kernels larger than 1x1 with MIN_CHANNELS or more input
-  channels (SMALL_MAP_CHANNELS on maps of at most SMALL_MAP_PIXELS) take the patch-matmul
-  gradients (and forward, on maps of at most MAX_MATMUL_FORWARD_PIXELS outputs); everything
-  else is lax.conv_general_dilated."""
+  """lax.conv_general_dilated's signature (what flax's nn.Conv calls). Stride-1, undilated,
+  ungrouped NHWC convolutions of kernels larger than 1x1 take the patch matmul: with Eigen's
+  kernels on maps of at most TINY_MAP_PIXELS outputs; with YNNPACK's, its gradients with
+  MIN_CHANNELS or more input channels (SMALL_MAP_CHANNELS on maps of at most
+  SMALL_MAP_PIXELS), and its forward on maps of at most MAX_MATMUL_FORWARD_PIXELS outputs.
+  Everything else is lax.conv_general_dilated."""
   dims = functools.partial(lax.conv_dimension_numbers, lhs.shape, rhs.shape)
   plain = (lhs.ndim == 4 and dims(dimension_numbers) == dims(_NHWC)
            and tuple(window_strides) == (1, 1)
            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
            and feature_group_count == 1 and precision is None and not kw
-           and rhs.shape[0] * rhs.shape[1] > 1 and _wide_enough(lhs, rhs))
+           and rhs.shape[0] * rhs.shape[1] > 1)
+  if plain:
+    pads = tuple(_pads(lhs, rhs, padding))
+    plain = (_out_pixels(lhs, rhs, pads) <= TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
+             else _wide_enough(lhs, rhs))
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kw)
-  return _conv(lhs, rhs, tuple(_pads(lhs, rhs, padding)))
+  return _conv(lhs, rhs, pads)
 
 
 def _wide_enough(lhs, rhs) -> bool:

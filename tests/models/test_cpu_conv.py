@@ -1,5 +1,6 @@
-"""models/cpu_conv.py: the CPU convolution's values and gradients (im2col matmuls; the forward too
-on small maps) equal XLA's own, and the convolutions it does not take go to XLA unchanged."""
+"""models/cpu_conv.py: the CPU convolution's values and gradients (im2col matmuls) equal XLA's
+own, each kernel choice's rules (ldm_jax/xla_cpu.py) send it the convolutions they name, and
+the others go to XLA unchanged."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from ldm_jax import xla_cpu
 from ldm_jax.models import cpu_conv, layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -28,15 +30,18 @@ def _takes_it(x, w, strides=(1, 1), padding="SAME"):
   return "custom_vjp" in _jaxpr(x, w, strides, padding)
 
 
-@pytest.mark.parametrize("kernel,padding,size", [
-    (3, "SAME", (7, 9)), (3, ((1, 1), (1, 1)), (12, 10)), (3, "VALID", (7, 9)),
-    (3, ((0, 1), (2, 0)), (7, 9)), (4, "SAME", (9, 9))])
-def test_value_and_gradients_equal_xla(kernel, padding, size):
-  """Maps of at most MAX_MATMUL_FORWARD_PIXELS outputs (7x9) take the matmul forward too;
-  larger ones (12x10, 9x9) XLA's forward."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, *size, C)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(kernel, kernel, C, 6)) / np.sqrt(C), jnp.float32)
+@pytest.fixture
+def ynn_rules(monkeypatch):
+  """The rules measured under YNNPACK's kernels (XLA_FLAGS naming its fusion flag)."""
+  monkeypatch.setattr(xla_cpu, "eigen_kernels", lambda: False)
+
+
+@pytest.fixture
+def eigen_rules(monkeypatch):
+  monkeypatch.setattr(xla_cpu, "eigen_kernels", lambda: True)
+
+
+def _check_equal_xla(x, w, padding):
   assert _takes_it(x, w, padding=padding)
   (got, got_g), (want, want_g) = (_grads(f, x, w, (1, 1), padding) for f in
                                   (cpu_conv.conv_general_dilated, lax.conv_general_dilated))
@@ -45,7 +50,37 @@ def test_value_and_gradients_equal_xla(kernel, padding, size):
     np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(r))))
 
 
-def test_strided_1x1_and_narrow_convolutions_keep_xla():
+@pytest.mark.parametrize("kernel,padding,size", [
+    (3, "SAME", (7, 9)), (3, ((1, 1), (1, 1)), (12, 10)), (3, "VALID", (7, 9)),
+    (3, ((0, 1), (2, 0)), (7, 9)), (4, "SAME", (9, 9))])
+def test_value_and_gradients_equal_xla(kernel, padding, size, ynn_rules):
+  """YNNPACK's rules: maps of at most MAX_MATMUL_FORWARD_PIXELS outputs (7x9) take the matmul
+  forward too; larger ones (12x10, 9x9) XLA's forward."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *size, C)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, C, 6)) / np.sqrt(C), jnp.float32)
+  _check_equal_xla(x, w, padding)
+
+
+@pytest.mark.parametrize("padding,size", [("SAME", (2, 2)), ("SAME", (1, 2)),
+                                          ("VALID", (4, 3)), (((0, 1), (2, 0)), (2, 1))])
+def test_tiny_maps_equal_xla_under_eigen_rules(padding, size, eigen_rules):
+  """Eigen's rules: outputs of at most TINY_MAP_PIXELS (2x2) take the matmul, any width."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, *size, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 5, 4)) / np.sqrt(5), jnp.float32)
+  _check_equal_xla(x, w, padding)
+
+
+def test_eigen_rules_leave_larger_maps_to_xla(eigen_rules):
+  w = jnp.ones((3, 3, C, 2))
+  assert not _takes_it(jnp.ones((1, 2, 3, C)), w)     # 6 outputs
+  assert not _takes_it(jnp.ones((1, 8, 8, C)), w)     # what YNNPACK's rules take
+  assert not _takes_it(jnp.ones((1, 2, 2, C)), w, strides=(2, 2))
+  assert not _takes_it(jnp.ones((1, 2, 2, C)), jnp.ones((1, 1, C, 2)))
+
+
+def test_strided_1x1_and_narrow_convolutions_keep_xla(ynn_rules):
   x = jnp.ones((1, 4, 4, C))
   assert not _takes_it(x, jnp.ones((3, 3, C, 2)), strides=(2, 2))
   assert not _takes_it(x, jnp.ones((1, 1, C, 2)))
@@ -54,7 +89,7 @@ def test_strided_1x1_and_narrow_convolutions_keep_xla():
   assert _takes_it(jnp.ones((1, 16, 17, C)), jnp.ones((3, 3, C, 2)))
 
 
-def test_narrower_convolutions_take_it_on_small_maps():
+def test_narrower_convolutions_take_it_on_small_maps(ynn_rules):
   n = cpu_conv.SMALL_MAP_CHANNELS
   small = jnp.ones((1, 16, 16, n))        # 256 input pixels
   assert _takes_it(small, jnp.ones((3, 3, n, 2)))
@@ -69,7 +104,7 @@ def test_model_convs_use_it_on_the_cpu():
   assert conv.conv_general_dilated is cpu_conv.conv_general_dilated
 
 
-def test_forward_form_follows_the_output_size():
+def test_forward_form_follows_the_output_size(ynn_rules):
   w = jnp.ones((3, 3, C, 2))
   assert "conv_general_dilated" not in _jaxpr(jnp.ones((1, 8, 8, C)), w)   # 64 outputs: matmul
   assert "conv_general_dilated" in _jaxpr(jnp.ones((1, 8, 9, C)), w)       # 72: XLA's conv
