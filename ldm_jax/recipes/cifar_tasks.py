@@ -72,7 +72,7 @@ def _short_run(t, *, batch, steps, warmup, ema, log_every, ckpt_every, min_lr_ra
 
 def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500):
   """The CPU LDM of `task` ('sr' or 'inpaint'): 32 px CIFAR-10 on 8x8x8 latents, 1,500 steps
-  in about 10-15 minutes on 2 cores. configs/ldm_sr.py:cifar and ldm_inpaint.py:cifar.
+  in about 8-9 minutes on 2 cores. configs/ldm_sr.py:cifar and ldm_inpaint.py:cifar.
 
   It predicts v, not eps: an eps model's estimate of x0 at the first, noisiest steps carries its
   eps error times sqrt((1 - alpha_bar) / alpha_bar) (about 15 at t = 999), and this short a run
@@ -100,7 +100,7 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500
   c.diffusion.loss_weighting = "min_snr"
   _short_run(c.train, batch=32, steps=steps, warmup=100, ema=0.995, log_every=100,
              ckpt_every=500, min_lr_ratio=0.1)
-  c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "ddim", 50, 1.0
+  c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "dpmpp_2m", 20, 1.0
   return c
 
 
@@ -157,7 +157,7 @@ def _reconstruction(pipeline, target):
       ae, jnp.asarray(target[i:i + 100]), None))) for i in range(0, len(target), 100)]), -1, 1)
 
 
-def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
+def evaluate_sr(task_dir: str, pipeline, hi, sampler: str, steps: int) -> tuple[dict, list]:
   """PSNR/LPIPS of LDM-SR and of bicubic upsampling, for bicubic and BSR 8 px inputs; each also
   back-projected onto its input (sample.py's default --consistency, applied here to the raw
   samples read back, so up to their 8-bit rounding), and the LDM's raw samples."""
@@ -178,7 +178,7 @@ def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
     folder = os.path.join(task_dir, "eval", f"inputs_{kind}")
     names = _write_folder(folder, low)
     out = os.path.join(task_dir, "eval", f"upscaled_{kind}")
-    image_tasks.run(pipeline, image_tasks.FileJob("upscale", folder, sampler="ddim",
+    image_tasks.run(pipeline, image_tasks.FileJob("upscale", folder, sampler=sampler,
                                                   steps=steps, consistency=0), out)
     raw = _read_outputs(out, names)
     up = lambda mode: to_float(np.stack([np.asarray(Image.fromarray(x).resize(  # noqa: E731
@@ -194,7 +194,8 @@ def evaluate_sr(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
   return results, rows
 
 
-def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, list]:
+def evaluate_inpaint(task_dir: str, pipeline, hi, sampler: str,
+                     steps: int) -> tuple[dict, list]:
   """Masked-region L1/LPIPS of the LDM (Poisson-blended and pasted) and three simple fills;
   the unmasked region's error."""
   # pylint: disable=g-import-not-at-top
@@ -216,7 +217,7 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
   # raw output (exactly, for the plain paste: the masks are binary). Known latents kept at every
   # step (sample.py's default; "inpainted_raw" holds an older workdir's run without).
   out = os.path.join(task_dir, "eval", "inpainted_kept")
-  image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler="ddim",
+  image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler=sampler,
                                                 steps=steps, composite=False), out)
   known = 1.0 - fill
   kept = target * known
@@ -243,17 +244,22 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, steps: int) -> tuple[dict, lis
 
 
 def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
-        ldm_steps: int = 1500, eval_per_class: int = 50, steps: int = 50) -> dict:
+        ldm_steps: int = 1500, eval_per_class: int = 50, sampler: str = "dpmpp_2m",
+        steps: int = 20) -> dict:
   """Runs (or resumes) the stages of `task`; returns the results it also writes."""
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
   from ldm_jax.data.sources import ImageFolderSource
+  from ldm_jax.diffusion.samplers import SAMPLERS
+  from ldm_jax.errors import ConfigError
   from ldm_jax.inference import load_pipeline
   from ldm_jax.training.loop import train_and_evaluate
   from ldm_jax.training.reporting import image_grid, save_png
   if task not in TASKS:
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
+  if sampler not in SAMPLERS:   # checked before the training it would follow
+    raise ConfigError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{sampler}'")
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
@@ -278,12 +284,12 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
   hi = np.stack([source[i]["image"] for i in range(len(source))])
   pipeline = load_pipeline(ldm_dir)
   evaluate = evaluate_sr if task == "sr" else evaluate_inpaint
-  results, rows = evaluate(task_dir, pipeline, hi, steps)
+  results, rows = evaluate(task_dir, pipeline, hi, sampler, steps)
   picture = os.path.join(task_dir, f"{task}_cifar.png")
   save_png(picture, image_grid(np.concatenate(rows), ncols=8))
   times["evaluation_s"] = time.time() - t
   results.update(times, total_s=time.time() - t0, eval_images=len(hi), ae_steps=ae_steps,
-                 ldm_steps=ldm_steps, sampler=f"ddim {steps} steps", picture=picture)
+                 ldm_steps=ldm_steps, sampler=f"{sampler} {steps} steps", picture=picture)
   fileio.atomic_write_text(os.path.join(task_dir, "results.json"), json.dumps(results, indent=2))
   return results
 
@@ -319,12 +325,16 @@ def main(argv=None):
   parser.add_argument("--ae_steps", type=int, default=800)
   parser.add_argument("--ldm_steps", type=int, default=1500)
   parser.add_argument("--eval_per_class", type=int, default=50)
-  parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the task's sampling.")
+  parser.add_argument("--sampler", default="dpmpp_2m",
+                      help="Sampler of the task's held-out sampling (ldm_jax.diffusion.samplers"
+                           ".SAMPLERS).")
+  parser.add_argument("--steps", type=int, default=20, help="Sampler steps.")
   args = parser.parse_args(argv)
   setup_logging()
   with friendly_errors():
     r = run(args.task, args.workdir, args.archive, ae_steps=args.ae_steps,
-            ldm_steps=args.ldm_steps, eval_per_class=args.eval_per_class, steps=args.steps)
+            ldm_steps=args.ldm_steps, eval_per_class=args.eval_per_class, sampler=args.sampler,
+            steps=args.steps)
   print(f"\n{args.task} recipe done in {r['total_s'] / 60:.1f} min ({r['eval_images']} held-out "
         f"CIFAR-10 test images)\n{_summary(args.task, r)}\n  picture: {r['picture']}")
 
