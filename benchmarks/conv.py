@@ -1,8 +1,9 @@
 """3x3 convolutions on the CPU: XLA's convolution against the same convolution written as
 matmuls (im2col: the 9 shifted copies of the input side by side, one (9C, C') matmul; and
-shifted: 9 (C, C') matmuls summed), and ldm_jax's CPU conv (models/cpu_conv.py: im2col's
-gradients; im2col's forward on maps of 8x8 or smaller, XLA's on larger ones), forward and
-forward+backward.
+shifted: 9 (C, C') matmuls summed), and ldm_jax's CPU conv (models/cpu_conv.py: under Eigen's
+kernels, the default, im2col on maps of at most 2x2 outputs and XLA's elsewhere; under
+YNNPACK's, chosen through XLA_FLAGS (ldm_jax/xla_cpu.py), im2col's gradients and its forward
+on maps of 8x8 or smaller), forward and forward+backward.
 
   python benchmarks/conv.py [--repeats=5] [--json=out.json]
   python benchmarks/conv.py --unet=imagenet [--batch=8] [--repeats=3]

@@ -1,8 +1,8 @@
 """XLA's CPU kernels: Eigen's convolutions instead of YNNPACK's, set before JAX starts.
 
 jax 0.10's CPU backend hands convolutions and dots to YNNPACK by default. On the 2-core AVX-512
-machines this project is built on, YNNPACK's 3x3 convolutions ran at half the speed of Eigen's
-forward and 2-4x slower backward (a 16x32x32x64 -> 64 conv: forward 15.1 -> 7.4 ms, fwd+bwd
+machines this project is built on, Eigen's 3x3 convolutions ran 1.2-2.2x faster forward and
+2.1-2.5x faster fwd+bwd than YNNPACK's (16x32x32x64 -> 64: forward 15.1 -> 7.4 ms, fwd+bwd
 64.6 -> 27.0 ms; benchmarks/RESULTS.md), while dots ran at the same speed. So ldm_jax turns
 YNNPACK's fusions off (`--xla_cpu_experimental_ynn_fusion_type=`, an empty list) when it is
 imported before JAX's backends start, unless XLA_FLAGS already names that flag: set it yourself
@@ -20,14 +20,23 @@ def _value(flags: str) -> str | None:
   """The last value XLA_FLAGS gives FLAG (None when it does not name it)."""
   value = None
   for token in flags.split():
-    if token == FLAG or token.startswith(FLAG + "="):
+    if token.startswith(FLAG + "="):
       value = token.partition("=")[2]
   return value
 
 
 def eigen_kernels(environ=None) -> bool:
-  """Whether XLA_FLAGS turns YNNPACK's fusions off (what models/cpu_conv.py's rules assume)."""
-  return _value((os.environ if environ is None else environ).get("XLA_FLAGS", "")) == ""
+  """Whether XLA_FLAGS keeps convolutions off YNNPACK (what models/cpu_conv.py's rules assume):
+  a list without individual_convolution, or '+'/'-' changes to the default that remove it."""
+  value = _value((os.environ if environ is None else environ).get("XLA_FLAGS", ""))
+  if value is None:
+    return False
+  entries = [e for e in value.split(",") if e]
+  if any(e.lstrip("+") == "individual_convolution" for e in entries):
+    return False
+  if entries and all(e[0] in "+-" for e in entries):   # edits of the default, which has convs
+    return "-individual_convolution" in entries
+  return True
 
 
 def prefer_eigen_kernels(environ=None, backends_started: bool | None = None) -> bool:

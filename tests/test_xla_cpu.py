@@ -1,4 +1,6 @@
 """ldm_jax/xla_cpu.py: YNNPACK's fusions are turned off before JAX starts, unless the user chose."""
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,19 +21,32 @@ def test_adds_the_flag_to_what_is_there():
 
 
 def test_keeps_the_users_choice_and_a_started_backend():
-  env = {"XLA_FLAGS": f"{OFF}individual_dot"}
+  mine = f"{OFF}individual_dot,individual_convolution"
+  env = {"XLA_FLAGS": mine}
   assert not xla_cpu.prefer_eigen_kernels(env, backends_started=False)
-  assert env["XLA_FLAGS"] == f"{OFF}individual_dot"
-  env = {"XLA_FLAGS": f"{OFF}individual_dot {OFF}"}    # the last value counts, as in XLA
+  assert env["XLA_FLAGS"] == mine
+  env = {"XLA_FLAGS": f"{mine} {OFF}"}    # the last value counts, as in XLA
   assert xla_cpu.prefer_eigen_kernels(env, backends_started=False)
   env = {}
   assert not xla_cpu.prefer_eigen_kernels(env, backends_started=True)   # too late to apply
   assert env == {}
 
 
+@pytest.mark.parametrize("value,eigen", [
+    ("", True), ("individual_dot", True), ("individual_dot,individual_convolution", False),
+    ("-individual_convolution", True), ("+individual_convolution", False),
+    ("-individual_dot", False)])
+def test_reads_which_kernels_convolutions_get(value, eigen):
+  assert xla_cpu.eigen_kernels({"XLA_FLAGS": f"--foo=1 {OFF}{value}"}) is eigen
+  assert not xla_cpu.eigen_kernels({"XLA_FLAGS": "--foo=1"})
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU backend")
 def test_this_process_compiles_convolutions_without_ynnpack():
-  """conftest.py imports ldm_jax before JAX starts, as the CLIs do: the flag is in effect."""
+  """conftest.py imports ldm_jax before JAX starts, as the CLIs do: the flag is in effect
+  (unless the developer's own XLA_FLAGS chose YNNPACK's convolutions)."""
+  if xla_cpu._value(os.environ.get("XLA_FLAGS", "")):   # pylint: disable=protected-access
+    pytest.skip("XLA_FLAGS chooses YNNPACK's fusions itself")
   assert xla_cpu.eigen_kernels()
   x, w = jnp.ones((4, 32, 32, 64)), jnp.ones((3, 3, 64, 64))   # YNNPACK takes this size
   hlo = jax.jit(lambda a, b: lax.conv_general_dilated(

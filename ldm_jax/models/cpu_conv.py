@@ -48,8 +48,10 @@ def _pads(lhs, rhs, padding) -> list[tuple[int, int]]:
 
 
 def _out_pixels(x, w, pads) -> int:
-  return ((x.shape[1] + sum(pads[0]) - w.shape[0] + 1)
-          * (x.shape[2] + sum(pads[1]) - w.shape[1] + 1))
+  """Output pixels of the stride-1 conv (0 when the kernel does not fit: lax then says so)."""
+  h = x.shape[1] + sum(pads[0]) - w.shape[0] + 1
+  wd = x.shape[2] + sum(pads[1]) - w.shape[1] + 1
+  return h * wd if h > 0 and wd > 0 else 0
 
 
 def _forward(x, w, pads):
@@ -105,7 +107,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
            and rhs.shape[0] * rhs.shape[1] > 1)
   if plain:
     pads = tuple(_pads(lhs, rhs, padding))
-    plain = (_out_pixels(lhs, rhs, pads) <= TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
+    plain = (0 < _out_pixels(lhs, rhs, pads) <= TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
              else _wide_enough(lhs, rhs))
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,

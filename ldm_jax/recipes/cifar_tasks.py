@@ -177,7 +177,7 @@ def evaluate_sr(task_dir: str, pipeline, hi, sampler: str, steps: int) -> tuple[
                     for i, img in enumerate(hi)])
     folder = os.path.join(task_dir, "eval", f"inputs_{kind}")
     names = _write_folder(folder, low)
-    out = os.path.join(task_dir, "eval", f"upscaled_{kind}")
+    out = os.path.join(task_dir, "eval", f"upscaled_{kind}_{sampler}_{steps}")
     image_tasks.run(pipeline, image_tasks.FileJob("upscale", folder, sampler=sampler,
                                                   steps=steps, consistency=0), out)
     raw = _read_outputs(out, names)
@@ -215,8 +215,10 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, sampler: str,
   _write_folder(mask_dir, (fill[..., 0] * 255).astype(np.uint8))
   # One raw run; compositing here equals sample.py's composite up to the 8-bit rounding of the
   # raw output (exactly, for the plain paste: the masks are binary). Known latents kept at every
-  # step (sample.py's default; "inpainted_raw" holds an older workdir's run without).
-  out = os.path.join(task_dir, "eval", "inpainted_kept")
+  # step (sample.py's default). Folders are named by sampler and steps: a rerun with others
+  # samples afresh instead of scoring what the folder holds (older workdirs: inpainted_kept,
+  # 50 DDIM steps; inpainted_raw, without keeping the known latents).
+  out = os.path.join(task_dir, "eval", f"inpainted_kept_{sampler}_{steps}")
   image_tasks.run(pipeline, image_tasks.FileJob("inpaint", inputs, mask_dir, sampler=sampler,
                                                 steps=steps, composite=False), out)
   known = 1.0 - fill
@@ -258,8 +260,10 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
   from ldm_jax.training.reporting import image_grid, save_png
   if task not in TASKS:
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
-  if sampler not in SAMPLERS:   # checked before the training it would follow
+  if sampler not in SAMPLERS:   # checked before the training they would follow
     raise ConfigError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{sampler}'")
+  if steps < 1:
+    raise ConfigError(f"--steps: expected a positive number of sampler steps, got {steps}")
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
