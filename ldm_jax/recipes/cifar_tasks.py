@@ -38,6 +38,9 @@ from ldm_jax.data.demo_sets import extract_cifar
 
 logger = logging.getLogger("ldm_jax")
 TASKS = ("sr", "inpaint")
+# The sampler the LDMs' checkpoints name and the evaluation runs (DDIM-50 scored the same, in
+# 2.5x the time: benchmarks/RESULTS.md); --sampler / --steps change the evaluation's.
+SAMPLER, SAMPLER_STEPS = "dpmpp_2m", 20
 
 
 def autoencoder_config(data_dir: str, steps: int = 800):
@@ -100,7 +103,7 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500
   c.diffusion.loss_weighting = "min_snr"
   _short_run(c.train, batch=32, steps=steps, warmup=100, ema=0.995, log_every=100,
              ckpt_every=500, min_lr_ratio=0.1)
-  c.sample.sampler, c.sample.steps, c.sample.guidance_scale = "dpmpp_2m", 20, 1.0
+  c.sample.sampler, c.sample.steps, c.sample.guidance_scale = SAMPLER, SAMPLER_STEPS, 1.0
   return c
 
 
@@ -246,8 +249,8 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, sampler: str,
 
 
 def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
-        ldm_steps: int = 1500, eval_per_class: int = 50, sampler: str = "dpmpp_2m",
-        steps: int = 20) -> dict:
+        ldm_steps: int = 1500, eval_per_class: int = 50, sampler: str = SAMPLER,
+        steps: int = SAMPLER_STEPS) -> dict:
   """Runs (or resumes) the stages of `task`; returns the results it also writes."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -329,10 +332,10 @@ def main(argv=None):
   parser.add_argument("--ae_steps", type=int, default=800)
   parser.add_argument("--ldm_steps", type=int, default=1500)
   parser.add_argument("--eval_per_class", type=int, default=50)
-  parser.add_argument("--sampler", default="dpmpp_2m",
+  parser.add_argument("--sampler", default=SAMPLER,
                       help="Sampler of the task's held-out sampling (ldm_jax.diffusion.samplers"
                            ".SAMPLERS).")
-  parser.add_argument("--steps", type=int, default=20, help="Sampler steps.")
+  parser.add_argument("--steps", type=int, default=SAMPLER_STEPS, help="Sampler steps.")
   args = parser.parse_args(argv)
   setup_logging()
   with friendly_errors():
