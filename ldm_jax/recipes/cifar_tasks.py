@@ -41,6 +41,9 @@ TASKS = ("sr", "inpaint")
 # The sampler the LDMs' checkpoints name and the evaluation runs (DDIM-50 scored the same, in
 # 2.5x the time: benchmarks/RESULTS.md); --sampler / --steps change the evaluation's.
 SAMPLER, SAMPLER_STEPS = "dpmpp_2m", 20
+# LDM steps per task (--ldm_steps overrides). SR's loss is flat from about 1,000 of 1,500 steps,
+# and 900 keep its recipe, autoencoder included, within about 15 minutes on 2 cores.
+LDM_STEPS = {"sr": 900, "inpaint": 1500}
 
 
 def autoencoder_config(data_dir: str, steps: int = 800):
@@ -73,9 +76,10 @@ def _short_run(t, *, batch, steps, warmup, ema, log_every, ckpt_every, min_lr_ra
   t.eval_every = t.image_every = 0
 
 
-def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500):
-  """The CPU LDM of `task` ('sr' or 'inpaint'): 32 px CIFAR-10 on 8x8x8 latents, 1,500 steps
-  in about 8-9 minutes on 2 cores. configs/ldm_sr.py:cifar and ldm_inpaint.py:cifar.
+def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int | None = None):
+  """The CPU LDM of `task` ('sr' or 'inpaint'): 32 px CIFAR-10 on 8x8x8 latents, LDM_STEPS[task]
+  steps unless `steps` (about 3 steps/s on 2 cores). configs/ldm_sr.py:cifar and
+  ldm_inpaint.py:cifar.
 
   It predicts v, not eps: an eps model's estimate of x0 at the first, noisiest steps carries its
   eps error times sqrt((1 - alpha_bar) / alpha_bar) (about 15 at t = 999), and this short a run
@@ -101,6 +105,7 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int = 1500
   c.diffusion.scale_by_std = True
   c.diffusion.parameterization = "v"
   c.diffusion.loss_weighting = "min_snr"
+  steps = LDM_STEPS[task] if steps is None else steps
   _short_run(c.train, batch=32, steps=steps, warmup=100, ema=0.995, log_every=100,
              ckpt_every=500, min_lr_ratio=0.1)
   c.sample.sampler, c.sample.steps, c.sample.guidance_scale = SAMPLER, SAMPLER_STEPS, 1.0
@@ -249,9 +254,10 @@ def evaluate_inpaint(task_dir: str, pipeline, hi, sampler: str,
 
 
 def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
-        ldm_steps: int = 1500, eval_per_class: int = 50, sampler: str = SAMPLER,
+        ldm_steps: int | None = None, eval_per_class: int = 50, sampler: str = SAMPLER,
         steps: int = SAMPLER_STEPS) -> dict:
-  """Runs (or resumes) the stages of `task`; returns the results it also writes."""
+  """Runs (or resumes) the stages of `task` (LDM_STEPS[task] LDM steps unless `ldm_steps`);
+  returns the results it also writes."""
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
@@ -265,8 +271,10 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
   if sampler not in SAMPLERS:   # checked before the training they would follow
     raise ConfigError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{sampler}'")
-  if steps < 1:
-    raise ConfigError(f"--steps: expected a positive number of sampler steps, got {steps}")
+  ldm_steps = LDM_STEPS[task] if ldm_steps is None else ldm_steps
+  for flag, n in (("--steps", steps), ("--ae_steps", ae_steps), ("--ldm_steps", ldm_steps)):
+    if n < 1:
+      raise ConfigError(f"{flag}: expected a positive number of steps, got {n}")
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
@@ -330,7 +338,9 @@ def main(argv=None):
                            "cifar10-test-jpeg.tar.gz.")
   parser.add_argument("--workdir", default="runs/cifar_tasks")
   parser.add_argument("--ae_steps", type=int, default=800)
-  parser.add_argument("--ldm_steps", type=int, default=1500)
+  parser.add_argument("--ldm_steps", type=int, default=None,
+                      help="LDM training steps (default per task: " +
+                      ", ".join(f"{t} {n}" for t, n in LDM_STEPS.items()) + ").")
   parser.add_argument("--eval_per_class", type=int, default=50)
   parser.add_argument("--sampler", default=SAMPLER,
                       help="Sampler of the task's held-out sampling (ldm_jax.diffusion.samplers"
