@@ -115,7 +115,24 @@ def environment() -> dict:
   return {"device": str(devices[0].device_kind), "backend": jax.default_backend(),
           "devices": len(devices), "jax": jax.__version__,
           "jaxlib": jaxlib.__version__,
-          "python": platform.python_version()}
+          "python": platform.python_version(), "host_cpu": host_cpu()}
+
+
+def host_cpu() -> str:
+  """The host's CPU model, family and core count: this project's 2-core VMs are not all the
+  same processor, so CPU timings from different days compare only on the same one."""
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  family = (f", family {fields['cpu family']} model {fields.get('model', '?')}"
+            if "cpu family" in fields else "")
+  return f"{name}{family}, {os.cpu_count()} cores"
 
 
 def peak_bytes() -> int | None:

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.models import host_cpu  # noqa: E402
 from ldm_jax.diffusion import samplers  # noqa: E402
 from ldm_jax.diffusion.schedules import make_beta_schedule, schedule_from_betas  # noqa: E402
 from ldm_jax.interop.diffusers import diffusers_unet_config, load_diffusers_unet  # noqa: E402
@@ -180,7 +181,7 @@ def main():
   result = {"model": args.model, "backend": jax.default_backend(),
             "jax": jax.__version__, "torch": torch.__version__,
             "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "host_cpu": host_cpu()}
   with tempfile.TemporaryDirectory() as folder:
     peer, module, variables = build_pair(args.model, folder, args.attention)
   result["output_rel_diff"] = check_same(peer, module, variables)

@@ -81,8 +81,11 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
   With `block_bytes` (what the CPU gets, see `attention`) the (batch x head) slices are computed
   a group at a time by lax.map, each group's float32 logits within `block_bytes`: on a CPU the
   (B, heads, Lq, Lk) weights of one big batched matmul spill out of the caches, and this
-  made forward + backward 4.5x faster at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Without it
-  (accelerators) every slice is one batched computation."""
+  made forward + backward 4.5x faster at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Each group
+  is rematerialised in the backward pass (jax.checkpoint), as flash attention does: otherwise
+  lax.map's VJP stacks every group's weights into one (B x heads, Lq, Lk) residual again, and
+  recomputing them took fwd+bwd to 0.64-0.87x the time. Without `block_bytes` (accelerators)
+  every slice is one batched computation."""
   b, lq, heads, d = q.shape
   lk = k.shape[1]
   qt, kt, vt = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q, k, v))      # (B, heads, L, d)
@@ -93,7 +96,8 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
     n = slices_per_group(b * heads, lq, lk, block_bytes)
     group = lambda a: a.reshape((b * heads // n, n) + a.shape[2:])  # noqa: E731
     operands = (group(qt), group(kt), group(vt), None if mt is None else group(mt))
-    out = jax.lax.map(lambda xs: _softmax_weighted(*xs), operands).reshape(b, heads, lq, d)
+    one_group = jax.checkpoint(lambda xs: _softmax_weighted(*xs))
+    out = jax.lax.map(one_group, operands).reshape(b, heads, lq, d)
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
