@@ -6,13 +6,13 @@
 Times one call untraced, then traces --iters calls with jax.profiler, reads the op events from
 the trace and classifies each op by its instructions in the compiled module's optimised HLO:
 convolution, batched matmul (attention's scores and values), matmul (linear and 1x1 layers),
-exponential/division (softmax, SiLU), reduction (norm statistics, softmax sums), copy or
-transpose, other elementwise. Prints each class's time and share of the call, the largest
-single ops, and the wall time per call. Under Eigen's kernels (the default, ldm_jax/xla_cpu.py)
-XLA runs convolutions asynchronously on its thread pool and the trace times only their launch,
-so their time shows as the rest of the call (an estimate: other ops can overlap them). The UNet
-is vs_pytorch.py's (random weights, same shapes), so the classes line up with its
-ldm_jax/diffusers ratio.
+exponential/division (softmax, SiLU), reduction (norm statistics, softmax sums), data movement
+(copies, transposes, slices, broadcasts), other elementwise. Prints each class's time and share
+of the call, the largest single ops, and the wall time per call. Under Eigen's kernels (the
+default, ldm_jax/xla_cpu.py) XLA runs convolutions asynchronously on its thread pool and the
+trace times only their launch, so their time shows as the rest of the call (an estimate: other
+ops can overlap them). The UNet is vs_pytorch.py's (random weights, same shapes), so the classes
+line up with its ldm_jax/diffusers ratio.
 
 Why: the performance issue asks where the CPU time goes before anything is changed for speed;
 a trace keeps the answer measured rather than guessed (benchmarks/RESULTS.md).
@@ -40,7 +40,14 @@ from benchmarks.models import host_cpu  # noqa: E402
 from benchmarks.vs_pytorch import LATENT, MODELS, inputs  # noqa: E402
 from ldm_jax.models.unet import UNet  # noqa: E402
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (?:\([^=]*\) )?([\w\-]+)\(")
+# "%name = f32[8,32]{1,0} op(" or, for multi-output ops, "%name = (f32[256]{0}, f32[256]{0}) op(".
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^()]*\)|\S+) ([\w\-]+)\(")
+# Control flow: its body's ops appear in the trace themselves, so it is not counted again.
+_CONTROL = {"while", "conditional", "call"}
+_DATA_MOVEMENT = {"copy", "transpose", "parameter", "bitcast", "tuple", "get-tuple-element",
+                  "reshape", "broadcast", "slice", "concatenate", "pad", "reverse",
+                  "dynamic-slice", "dynamic-update-slice", "constant", "iota",
+                  "data movement"}
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ")
 _BATCH_DIMS = re.compile(r"lhs_batch_dims=\{\d")
@@ -65,7 +72,7 @@ def _kind(lines: list[str], comps: dict, depth: int = 0) -> str:
   for line in lines:
     m = _INSTR.match(line)
     if m:
-      ops.add(m.group(2))
+      ops.add(m.group(3))
     call = _CALLS.search(line)
     if call and depth < 4 and call.group(1) in comps:
       ops.add(_kind(comps[call.group(1)], comps, depth + 1))
@@ -77,9 +84,8 @@ def _kind(lines: list[str], comps: dict, depth: int = 0) -> str:
     return "exp/divide (softmax, SiLU)"
   if "reduce" in ops or "reduction" in ops or "reduce-window" in ops:
     return "reduction"
-  if ops and ops <= {"copy", "transpose", "parameter", "bitcast", "copy/transpose", "tuple",
-                     "get-tuple-element"}:
-    return "copy/transpose"
+  if ops and ops <= _DATA_MOVEMENT:
+    return "data movement"
   return "elementwise"
 
 
@@ -91,18 +97,19 @@ def classify(hlo: str) -> dict[str, str]:
       m = _INSTR.match(line)
       if not m:
         continue
-      name, op = m.groups()
-      if op == "fusion" or op == "call":
+      name, _, op = m.groups()
+      if op == "fusion":
         call = _CALLS.search(line)
         out[name] = _kind(comps.get(call.group(1), []) if call else [], comps)
-      else:
+      elif op not in _CONTROL:
         out[name] = _kind([line], comps)
   return out
 
 
 def _shape(line: str) -> str:
-  """The result type of an HLO instruction line (e.g. f32[8,32,32,256])."""
-  return line.split("= ", 1)[1].split(" ", 1)[0] if "= " in line else ""
+  """The result type of an HLO instruction line (e.g. f32[8,32,32,256]; a tuple for several)."""
+  m = _INSTR.match(line)
+  return m.group(2) if m else ""
 
 
 def op_events(trace_dir: str) -> list[tuple[str, float]]:
@@ -142,18 +149,18 @@ def main():
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   fn, params = build(args.model, args.batch, args.case)
-  compiled = fn.lower(params).compile()
+  compiled = fn.lower(params).compile()      # timed and traced below: the HLO that was parsed
   hlo = compiled.as_text()
   kinds = classify(hlo)
   hlo_lines = {m.group(1): line for line in hlo.splitlines() if (m := _INSTR.match(line))}
-  jax.block_until_ready(fn(params))                             # warm-up
+  jax.block_until_ready(compiled(params))                       # warm-up
   start = time.perf_counter()
-  jax.block_until_ready(fn(params))
+  jax.block_until_ready(compiled(params))
   wall_s = time.perf_counter() - start                           # untraced
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.iters):
-        jax.block_until_ready(fn(params))
+        jax.block_until_ready(compiled(params))
     events = op_events(trace_dir)
   by_kind, by_op, unmatched = collections.Counter(), collections.Counter(), collections.Counter()
   for name, ms in events:

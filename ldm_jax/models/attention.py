@@ -84,7 +84,7 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
   made forward + backward 4.5x faster at 8 x 1024 x 8 x 32 (benchmarks/RESULTS.md). Each group
   is rematerialised in the backward pass (jax.checkpoint), as flash attention does: otherwise
   lax.map's VJP stacks every group's weights into one (B x heads, Lq, Lk) residual again, and
-  recomputing them took fwd+bwd to 0.64-0.87x the time. Without `block_bytes` (accelerators)
+  recomputing them took fwd+bwd to 0.64-0.96x the time. Without `block_bytes` (accelerators)
   every slice is one batched computation."""
   b, lq, heads, d = q.shape
   lk = k.shape[1]
@@ -96,7 +96,7 @@ def xla_attention(q, k, v, mask=None, block_bytes: int | None = None):
     n = slices_per_group(b * heads, lq, lk, block_bytes)
     group = lambda a: a.reshape((b * heads // n, n) + a.shape[2:])  # noqa: E731
     operands = (group(qt), group(kt), group(vt), None if mt is None else group(mt))
-    one_group = jax.checkpoint(lambda xs: _softmax_weighted(*xs))
+    one_group = jax.checkpoint(lambda xs: _softmax_weighted(*xs), prevent_cse=False)  # in a scan
     out = jax.lax.map(one_group, operands).reshape(b, heads, lq, d)
   return jnp.transpose(out, (0, 2, 1, 3))
 

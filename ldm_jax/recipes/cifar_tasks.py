@@ -78,7 +78,7 @@ def _short_run(t, *, batch, steps, warmup, ema, log_every, ckpt_every, min_lr_ra
 
 def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int | None = None):
   """The CPU LDM of `task` ('sr' or 'inpaint'): 32 px CIFAR-10 on 8x8x8 latents, LDM_STEPS[task]
-  steps unless `steps` (about 3 steps/s on 2 cores). configs/ldm_sr.py:cifar and
+  steps unless `steps` (3-7 steps/s on 2 cores, by the VM). configs/ldm_sr.py:cifar and
   ldm_inpaint.py:cifar.
 
   It predicts v, not eps: an eps model's estimate of x0 at the first, noisiest steps carries its

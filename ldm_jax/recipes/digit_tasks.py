@@ -39,8 +39,8 @@ TASKS = ("semantic", "layout", "text")
 TRAIN = (0, 8000)            # packaged MNIST digits the datasets are built from
 HELD_OUT_START = 8000        # held-out conditions come from digits 8000 on
 CANVAS = 48                  # layout canvases: 64 px (the builder's default) costs 2x on a CPU
-# LDM steps per task (--ldm_steps overrides): each recipe within about 15 minutes on the slower
-# of this project's 2-core VMs (2.2-8.5 min on a fast one). Layouts learn slowest: the
+# LDM steps per task (--ldm_steps overrides): each recipe within about 15 minutes (layout 17) on
+# the slower of this project's 2-core VMs (2.2-8.5 min on a fast one). Layouts learn slowest: the
 # classifier's accuracy at the boxes is 22% after 800 steps, 27% after 1,200, 39% after 1,600.
 LDM_STEPS = {"semantic": 800, "layout": 1200, "text": 800}
 
@@ -75,7 +75,7 @@ def ldm_config(task: str, data_dir: str, autoencoder_dir: str, steps: int | None
     c.unet.coord_channels = True                # where the boxes are (see benchmarks/RESULTS)
     c.unet.attention_coords = True              # queries know their position ...
     c.cond.layout_bind_objects = True           # ... and box tokens their digit and box
-    c.sample.guidance_scale = 6.0               # 800 steps: 15.4% at 1, 18.7% at 3, 22.7% at 6
+    c.sample.guidance_scale = 6.0               # (800 steps: 15.4% at 1, 18.7% at 3, 22.7% at 6)
   if task == "text":
     c.cond.text_tokenizer, c.cond.text_vocab_size, c.cond.text_max_length = "train", 256, 16
   return c
@@ -236,9 +236,9 @@ def run(task: str, workdir: str, *, autoencoder: str = "", ae_steps: int = 300,
   if task not in TASKS:
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
   ldm_steps = LDM_STEPS[task] if ldm_steps is None else ldm_steps
-  if ldm_steps < 1:
-    raise ConfigError(f"--ldm_steps: expected a positive number of training steps, got "
-                      f"{ldm_steps}")
+  for flag, n in (("--ae_steps", 1 if autoencoder else ae_steps), ("--ldm_steps", ldm_steps)):
+    if n < 1:
+      raise ConfigError(f"{flag}: expected a positive number of steps, got {n}")
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
