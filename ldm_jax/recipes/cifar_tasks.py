@@ -303,8 +303,10 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
   picture = os.path.join(task_dir, f"{task}_cifar.png")
   save_png(picture, image_grid(np.concatenate(rows), ncols=8))
   times["evaluation_s"] = time.time() - t
+  # ldm_checkpoint names the step sampled: a workdir trained further before keeps its steps.
   results.update(times, total_s=time.time() - t0, eval_images=len(hi), ae_steps=ae_steps,
-                 ldm_steps=ldm_steps, sampler=f"{sampler} {steps} steps", picture=picture)
+                 ldm_steps=ldm_steps, ldm_checkpoint=pipeline.source,
+                 sampler=f"{sampler} {steps} steps", picture=picture)
   fileio.atomic_write_text(os.path.join(task_dir, "results.json"), json.dumps(results, indent=2))
   return results
 

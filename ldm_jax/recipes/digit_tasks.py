@@ -267,7 +267,9 @@ def run(task: str, workdir: str, *, autoencoder: str = "", ae_steps: int = 300,
   picture = os.path.join(task_dir, f"{task}_digits.png")
   save_png(picture, image_grid(np.concatenate(rows)[..., None], ncols=10))
   times["evaluation_s"] = time.time() - t
-  results.update(times, total_s=time.time() - t0, ldm_steps=ldm_steps, picture=picture,
+  # ldm_checkpoint names the step sampled: a workdir trained further before keeps its steps.
+  results.update(times, total_s=time.time() - t0, ldm_steps=ldm_steps,
+                 ldm_checkpoint=pipeline.source, picture=picture,
                  sampler=f"{pipeline.config.sample.sampler} {pipeline.config.sample.steps} "
                          f"steps, guidance {pipeline.config.sample.guidance_scale:g}")
   fileio.atomic_write_text(os.path.join(task_dir, "results.json"), json.dumps(results, indent=2))
