@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import AttnBlock
-from ldm_jax.models.layers import (Downsample, Dtype, ResnetBlock, Upsample, conv, group_norm,
-                                   maybe_remat, remat_policy)
+from ldm_jax.models.layers import (Downsample, Dtype, ResnetBlock, Upsample, conv,
+                                   group_norm_silu, maybe_remat, remat_policy)
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -90,7 +90,7 @@ class Encoder(nn.Module):
     if self.mid_attention:
       h = attn("mid_attn_1")(h)
     h = block(width, "mid_block_2")(h, train)
-    h = nn.swish(group_norm("norm_out", groups=self.norm_groups)(h)).astype(self.dtype)
+    h = group_norm_silu("norm_out", groups=self.norm_groups)(h).astype(self.dtype)
     out = 2 * self.z_channels if self.double_z else self.z_channels
     return conv(out, dtype=self.dtype, name="conv_out")(h)
 
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
       if i != 0:
         h = Upsample(True, dtype=self.dtype, name=f"up_{i}_upsample")(h)
         res *= 2
-    h = nn.swish(group_norm("norm_out", groups=self.norm_groups)(h)).astype(self.dtype)
+    h = group_norm_silu("norm_out", groups=self.norm_groups)(h).astype(self.dtype)
     if part == "features":
       return h
     return conv(self.out_ch, dtype=self.dtype, name="conv_out")(h).astype(jnp.float32)

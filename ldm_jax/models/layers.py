@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models import cpu_conv
+from ldm_jax.models.norms import GroupNormSiLU
 
 Dtype = jnp.dtype
 
@@ -20,6 +21,12 @@ def group_norm(name: str | None = None, eps: float = 1e-6, groups: int = 32):
   """GroupNorm in float32: 32 groups by default, as the reference autoencoder (eps 1e-6) and
   UNet (eps 1e-5) use; the models take the count from their `norm_groups` field."""
   return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=jnp.float32, name=name)
+
+
+def group_norm_silu(name: str | None = None, eps: float = 1e-6, groups: int = 32):
+  """silu(group_norm(x)), same parameters; on a CPU with models/norms.py's one-pass gradient."""
+  return GroupNormSiLU(num_groups=groups, epsilon=eps, own_vjp=jax.default_backend() == "cpu",
+                       name=name)
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, padding="SAME", dtype=jnp.float32,
@@ -40,9 +47,9 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    h = nn.swish(group_norm("norm1", groups=self.norm_groups)(x)).astype(self.dtype)
+    h = group_norm_silu("norm1", groups=self.norm_groups)(x).astype(self.dtype)
     h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
-    h = nn.swish(group_norm("norm2", groups=self.norm_groups)(h)).astype(self.dtype)
+    h = group_norm_silu("norm2", groups=self.norm_groups)(h).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_channels:

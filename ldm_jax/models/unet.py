@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.attention import AttentionBlock, SpatialTransformer
-from ldm_jax.models.layers import (Dtype, conv, group_norm, maybe_remat, timestep_embedding,
-                                   upsample_nearest)
+from ldm_jax.models.layers import (Dtype, conv, group_norm, group_norm_silu, maybe_remat,
+                                   timestep_embedding, upsample_nearest)
 
 
 class ResBlock(nn.Module):
@@ -41,7 +41,7 @@ class ResBlock(nn.Module):
         return nn.avg_pool(v, (2, 2), strides=(2, 2))
       return v
 
-    h = nn.silu(norm("in_norm")(x)).astype(self.dtype)
+    h = group_norm_silu("in_norm", self.norm_eps, self.norm_groups)(x).astype(self.dtype)
     h = conv(self.out_channels, dtype=self.dtype, name="in_conv")(resample(h))
     x = resample(x)
     emb_out = nn.Dense((2 if self.use_scale_shift_norm else 1) * self.out_channels,
@@ -211,7 +211,7 @@ class UNet(nn.Module):
         h = self._constrain(h)
         n += 1
 
-    h = nn.silu(group_norm("out_norm", self.norm_eps, self.norm_groups)(h)).astype(self.dtype)
+    h = group_norm_silu("out_norm", self.norm_eps, self.norm_groups)(h).astype(self.dtype)
     out = conv(self.out_channels, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                name="out_conv")(h)
     return out.astype(jnp.float32)
