@@ -106,12 +106,6 @@ def classify(hlo: str) -> dict[str, str]:
   return out
 
 
-def _shape(line: str) -> str:
-  """The result type of an HLO instruction line (e.g. f32[8,32,32,256]; a tuple for several)."""
-  m = _INSTR.match(line)
-  return m.group(2) if m else ""
-
-
 def op_events(trace_dir: str) -> list[tuple[str, float]]:
   """(op name, duration in ms) of every complete event in the perfetto trace."""
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
@@ -152,7 +146,8 @@ def main():
   compiled = fn.lower(params).compile()      # timed and traced below: the HLO that was parsed
   hlo = compiled.as_text()
   kinds = classify(hlo)
-  hlo_lines = {m.group(1): line for line in hlo.splitlines() if (m := _INSTR.match(line))}
+  # Each instruction's result type (e.g. f32[8,32,32,256]; a tuple for several outputs).
+  types = {m.group(1): m.group(2) for line in hlo.splitlines() if (m := _INSTR.match(line))}
   jax.block_until_ready(compiled(params))                       # warm-up
   start = time.perf_counter()
   jax.block_until_ready(compiled(params))
@@ -182,7 +177,7 @@ def main():
     print(f"  {name[:60]:60s} {ms:8.1f} ms")
   print("largest ops:")
   for name, ms in by_op.most_common(args.top):
-    print(f"  {name:30s} {kinds[name]:27s} {ms:8.1f} ms  {_shape(hlo_lines.get(name, ''))}")
+    print(f"  {name:30s} {kinds[name]:27s} {ms:8.1f} ms  {types.get(name, '')}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"model": args.model, "case": args.case, "batch": args.batch, "wall_s": wall_s,

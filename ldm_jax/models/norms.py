@@ -24,22 +24,35 @@ def _per_channel(a, channels: int):
   return jnp.repeat(a, channels // a.shape[1], axis=1)
 
 
+def _group_mean(per_channel_sums, groups: int, x):
+  """(B, C) sums over x's positions -> (B, G) means over each group's positions and channels."""
+  b, c = per_channel_sums.shape
+  n = (x.size // (b * c)) * (c // groups)
+  return per_channel_sums.reshape(b, groups, -1).sum(-1) / n
+
+
+def _spread(v, x):
+  """(B, C) -> broadcastable against x (B, ..., C)."""
+  return v.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+
+def _position_sum(a):
+  """(B, ..., C) -> (B, C): the sum over positions."""
+  return jnp.sum(a.reshape(a.shape[0], -1, a.shape[-1]), axis=1)
+
+
 def _stats(x, groups: int, eps: float):
   """(mean, 1/std) per (batch, group) of float32 x (B, ..., C)."""
-  b, c = x.shape[0], x.shape[-1]
-  flat = x.reshape(b, -1, c)
-  n = flat.shape[1] * (c // groups)
-  mean = jnp.sum(flat, axis=1).reshape(b, groups, -1).sum(-1) / n
-  mean2 = jnp.sum(flat * flat, axis=1).reshape(b, groups, -1).sum(-1) / n
+  mean = _group_mean(_position_sum(x), groups, x)
+  mean2 = _group_mean(_position_sum(x * x), groups, x)
   return mean, jax.lax.rsqrt(jnp.maximum(0.0, mean2 - mean * mean) + eps)
 
 
 def _normed(x, scale, bias, mean, rstd):
   """(x - mean) * rstd * scale + bias, as one multiply-add per element."""
-  b, c = x.shape[0], x.shape[-1]
-  shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+  c = x.shape[-1]
   a = _per_channel(rstd, c) * scale
-  return x * a.reshape(shape) + (bias - _per_channel(mean, c) * a).reshape(shape)
+  return x * _spread(a, x) + _spread(bias - _per_channel(mean, c) * a, x)
 
 
 def _forward(x, scale, bias, groups, eps):
@@ -56,22 +69,19 @@ def group_norm_silu(x, scale, bias, groups: int, eps: float):
 def _backward(groups, eps, res, dout):
   del eps
   x, scale, bias, mean, rstd = res
-  b, c = x.shape[0], x.shape[-1]
+  c = x.shape[-1]
   y = _normed(x, scale, bias, mean, rstd)
   s = jax.nn.sigmoid(y)
   dy = dout * (s * (1.0 + y * (1.0 - s)))               # through SiLU
-  flat_x, flat_dy = x.reshape(b, -1, c), dy.reshape(b, -1, c)
-  n = flat_x.shape[1] * (c // groups)
-  sum_dy, sum_dy_x = jnp.sum(flat_dy, axis=1), jnp.sum(flat_dy * flat_x, axis=1)   # (B, C)
+  sum_dy, sum_dy_x = _position_sum(dy), _position_sum(dy * x)               # (B, C)
   m, r = _per_channel(mean, c), _per_channel(rstd, c)
   sum_dy_xhat = r * (sum_dy_x - m * sum_dy)
-  mean_g = _per_channel((scale * sum_dy).reshape(b, groups, -1).sum(-1) / n, c)
-  mean_g_xhat = _per_channel((scale * sum_dy_xhat).reshape(b, groups, -1).sum(-1) / n, c)
+  mean_g = _per_channel(_group_mean(scale * sum_dy, groups, x), c)
+  mean_g_xhat = _per_channel(_group_mean(scale * sum_dy_xhat, groups, x), c)
   # dx = r * (dy * scale - mean_g - xhat * mean_g_xhat), xhat = (x - m) * r
-  shape = (b,) + (1,) * (x.ndim - 2) + (c,)
   k_dy, k_x = r * scale, -r * r * mean_g_xhat
   k_0 = -r * mean_g + r * r * mean_g_xhat * m
-  dx = dy * k_dy.reshape(shape) + x * k_x.reshape(shape) + k_0.reshape(shape)
+  dx = dy * _spread(k_dy, x) + x * _spread(k_x, x) + _spread(k_0, x)
   return dx, jnp.sum(sum_dy_xhat, 0), jnp.sum(sum_dy, 0)
 
 

@@ -236,7 +236,8 @@ def run(task: str, workdir: str, *, autoencoder: str = "", ae_steps: int = 300,
   if task not in TASKS:
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
   ldm_steps = LDM_STEPS[task] if ldm_steps is None else ldm_steps
-  for flag, n in (("--ae_steps", 1 if autoencoder else ae_steps), ("--ldm_steps", ldm_steps)):
+  checks = [("--ldm_steps", ldm_steps)] + ([] if autoencoder else [("--ae_steps", ae_steps)])
+  for flag, n in checks:
     if n < 1:
       raise ConfigError(f"{flag}: expected a positive number of steps, got {n}")
   workdir = os.path.abspath(workdir)
