@@ -1,11 +1,13 @@
 """A faster CPU convolution: tiny feature maps (and, under YNNPACK's kernels, the gradients and
-small maps) written as one matmul of the input's shifted copies (im2col); XLA's elsewhere.
+small maps) written as one matmul of the input's shifted copies (im2col); XLA's elsewhere, with
+an input gradient that flips the maps rather than the kernel where the kernel is the larger.
 Accelerators keep XLA's own convolution. Same numbers either way, up to float rounding.
 
 With Eigen's kernels (ldm_jax/xla_cpu.py, the default since 2026-12-04) XLA's convolution is as
 fast as the matmul form or faster everywhere but on maps of at most TINY_MAP_PIXELS outputs,
-where it is 3-100x slower (16x2x2x512 -> 512: 204 ms forward against 2.6). What follows was
-measured under YNNPACK's kernels, and its rules apply only there.
+where it is 3-100x slower (16x2x2x512 -> 512: 204 ms forward against 2.6), and its gradient
+spends most of its time on small maps copying the flipped kernel (`_conv_flipped_grad`). What
+follows was measured under YNNPACK's kernels, and its rules apply only there.
 
 Why: XLA's CPU convolution gradients (input and kernel) ran 3-6x its forward time and were most
 of the conv time in the UNet's fwd+bwd; the matmul form's gradients are XLA dot kernels. The
@@ -94,10 +96,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kw):
   """lax.conv_general_dilated's signature (what flax's nn.Conv calls). Stride-1, undilated,
-  ungrouped NHWC convolutions of kernels larger than 1x1 take the patch matmul: with Eigen's
-  kernels on maps of at most TINY_MAP_PIXELS outputs; with YNNPACK's, its gradients with
-  MIN_CHANNELS or more input channels (SMALL_MAP_CHANNELS on maps of at most
-  SMALL_MAP_PIXELS), and its forward on maps of at most MAX_MATMUL_FORWARD_PIXELS outputs.
+  ungrouped NHWC convolutions of kernels larger than 1x1 take: with Eigen's kernels, the patch
+  matmul on maps of at most TINY_MAP_PIXELS outputs, and the flipped-gradient form where the
+  kernel outweighs the activations (see `_kernel_outweighs`); with YNNPACK's, the patch
+  matmul's gradients with MIN_CHANNELS or more input channels (SMALL_MAP_CHANNELS on maps of at
+  most SMALL_MAP_PIXELS) and its forward on maps of at most MAX_MATMUL_FORWARD_PIXELS outputs.
   Everything else is lax.conv_general_dilated."""
   dims = functools.partial(lax.conv_dimension_numbers, lhs.shape, rhs.shape)
   plain = (lhs.ndim == 4 and dims(dimension_numbers) == dims(_NHWC)
@@ -105,15 +108,63 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
            and feature_group_count == 1 and precision is None and not kw
            and rhs.shape[0] * rhs.shape[1] > 1)
-  if plain:
-    pads = tuple(_pads(lhs, rhs, padding))
-    plain = (0 < _out_pixels(lhs, rhs, pads) <= TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
-             else _wide_enough(lhs, rhs))
-  if not plain:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision, **kw)
-  return _conv(lhs, rhs, pads)
+  pads = tuple(_pads(lhs, rhs, padding)) if plain else ()
+  if plain and xla_cpu.eigen_kernels():
+    outputs = _out_pixels(lhs, rhs, pads)
+    if 0 < outputs <= TINY_MAP_PIXELS:
+      return _conv(lhs, rhs, pads)
+    if outputs and _kernel_outweighs(lhs, rhs, pads):
+      return _conv_flipped_grad(lhs, rhs, pads)
+  elif plain and _wide_enough(lhs, rhs):
+    return _conv(lhs, rhs, pads)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                  rhs_dilation, dimension_numbers, feature_group_count,
+                                  precision=precision, **kw)
+
+
+def _kernel_outweighs(lhs, rhs, pads) -> bool:
+  """Whether the kernel has more elements than the input and output maps together (and the
+  pads lie within the kernel, as the flipped form needs)."""
+  kh, kw, cin, cout = rhs.shape
+  maps = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * (cin + cout)
+  return (kh * kw * cin * cout > maps
+          and all(0 <= p < k for k, pad in zip((kh, kw), pads) for p in pad))
+
+
+def _xla_conv(x, w, pads):
+  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_flipped_grad(x, w, pads):
+  """XLA's convolution whose input gradient flips the maps instead of the kernel.
+
+  Why: XLA's own input gradient is a convolution with the kernel flipped in space and its
+  channel axes swapped, a copy it makes every step. On the ImageNet UNet's 8x8 level that copy
+  of a 3x3x2048x1024 kernel (75 MB) dominated: flipping the gradient and the result (2 MB each
+  at batch 8) instead, with only the channel swap left on the kernel, took a conv's fwd+bwd
+  0.66-0.76x the time (16x16: 0.91-0.96x; 32x32, where the kernel is the smaller: 1.0-1.02x).
+  In the whole UNet's fwd+bwd, where those copies partly overlap other work, it saved 1.2%
+  (benchmarks/conv.py --unet=imagenet). Correlation with a flipped kernel is the flip of the
+  flipped input's correlation with it."""
+  return _xla_conv(x, w, pads)
+
+
+def _flipped_grad_fwd(x, w, pads):
+  return _xla_conv(x, w, pads), (x, w)
+
+
+def _flipped_grad_bwd(pads, res, dy):
+  x, w = res
+  flip = lambda a: a[:, ::-1, ::-1]                                       # noqa: E731
+  # The transposed convolution's pads, seen from the flipped side: (k-1-hi, k-1-lo).
+  back_pads = [(k - 1 - hi, k - 1 - lo) for k, (lo, hi) in zip(w.shape[:2], pads)]
+  dx = flip(_xla_conv(flip(dy), jnp.swapaxes(w, 2, 3), back_pads))
+  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, pads), w)
+  return dx, kernel_vjp(dy)[0]
+
+
+_conv_flipped_grad.defvjp(_flipped_grad_fwd, _flipped_grad_bwd)
 
 
 def _wide_enough(lhs, rhs) -> bool:

@@ -1,6 +1,6 @@
-"""models/cpu_conv.py: the CPU convolution's values and gradients (im2col matmuls) equal XLA's
-own, each kernel choice's rules (ldm_jax/xla_cpu.py) send it the convolutions they name, and
-the others go to XLA unchanged."""
+"""models/cpu_conv.py: the CPU convolution's values and gradients (im2col matmuls, the
+flipped-map input gradient) equal XLA's own, each kernel choice's rules (ldm_jax/xla_cpu.py)
+send it the convolutions they name, and the others go to XLA unchanged."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,10 +72,29 @@ def test_tiny_maps_equal_xla_under_eigen_rules(padding, size, eigen_rules):
   _check_equal_xla(x, w, padding)
 
 
+@pytest.mark.parametrize("kernel,padding,size", [
+    (3, "SAME", (4, 5)), (3, "VALID", (5, 4)), (3, ((0, 1), (2, 0)), (4, 3)),
+    (4, "SAME", (4, 4)), (3, ((2, 2), (1, 0)), (3, 6))])
+def test_flipped_gradient_form_equals_xla_under_eigen_rules(kernel, padding, size, eigen_rules):
+  """Eigen's rules: a kernel with more elements than the input and output maps together (here
+  k*k*64*48 against 2*h*w*112) keeps XLA's forward and kernel gradient; its input gradient
+  flips the maps instead of the kernel. Asymmetric pads and an even kernel check the pads of the
+  flipped side."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, *size, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 64, 48)) / 8.0, jnp.float32)
+  assert "conv_general_dilated" in _jaxpr(x, w, padding=padding)       # XLA's forward
+  _check_equal_xla(x, w, padding)
+
+
 def test_eigen_rules_leave_larger_maps_to_xla(eigen_rules):
   w = jnp.ones((3, 3, C, 2))
-  assert not _takes_it(jnp.ones((1, 2, 3, C)), w)     # 6 outputs
+  assert "conv_general_dilated" in _jaxpr(jnp.ones((1, 2, 3, C)), w)   # 6 outputs: XLA's
   assert not _takes_it(jnp.ones((1, 8, 8, C)), w)     # what YNNPACK's rules take
+  wide = jnp.ones((3, 3, C, C))                         # it outweighs 2x8x8 maps, not 4x16x16
+  assert _takes_it(jnp.ones((2, 8, 8, C)), wide)
+  assert not _takes_it(jnp.ones((4, 16, 16, C)), wide)
+  assert not _takes_it(jnp.ones((2, 8, 8, C)), wide, padding=((3, 0), (1, 1)))   # pad > k - 1
   assert not _takes_it(jnp.ones((1, 2, 2, C)), w, strides=(2, 2))
   assert not _takes_it(jnp.ones((1, 2, 2, C)), jnp.ones((1, 1, C, 2)))
 
