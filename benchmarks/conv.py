@@ -20,6 +20,7 @@ turns into its (faster) dot kernels would close part of the gap. Prints ms per c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -74,10 +75,10 @@ def _time(fn, args, repeats):
 
 
 def unet_ab(name: str, batch: int, repeats: int) -> dict:
-  """Median fwd+bwd and forward seconds of the UNet with XLA's convolution and with cpu_conv's
-  (fwd+bwd compile time reported)."""
-  import statistics  # pylint: disable=g-import-not-at-top
+  """Median fwd+bwd and forward seconds of the UNet with XLA's convolution and with cpu_conv's,
+  taking turns (models.alternate; fwd+bwd compile time reported)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from models import alternate, medians  # pylint: disable=g-import-not-at-top
   from vs_pytorch import CONTEXT, LATENT, MODELS  # pylint: disable=g-import-not-at-top
   from ldm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
   module = UNet(in_channels=LATENT[2], out_channels=LATENT[2], use_spatial_transformer=True,
@@ -103,15 +104,10 @@ def unet_ab(name: str, batch: int, repeats: int) -> dict:
       cpu_conv.for_backend = original
 
   fns = {"xla": compiled(False), "ldm_jax": compiled(True)}
-  times = {f"{k}{part}_s": [] for k in fns for part in ("", "_fwd")}
-  for _ in range(repeats):
-    for part in ("", "_fwd"):
-      for k, (fn, _) in fns.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn[part](params))
-        times[f"{k}{part}_s"].append(time.perf_counter() - start)
+  calls = {f"{k}{part}_s": functools.partial(lambda f: jax.block_until_ready(f(params)), fn[part])
+           for part in ("", "_fwd") for k, (fn, _) in fns.items()}
   out = {"model": name, "batch": batch, "repeats": repeats,
-         **{key: statistics.median(v) for key, v in times.items()},
+         **medians(alternate(calls, repeats)),
          **{f"{k}_compile_s": c for k, (_, c) in fns.items()}}
   out["fwd_ratio"] = out["ldm_jax_fwd_s"] / out["xla_fwd_s"]
   out["ratio"] = out["ldm_jax_s"] / out["xla_s"]

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +135,26 @@ def host_cpu() -> str:
   family = (f", family {fields['cpu family']} model {fields.get('model', '?')}"
             if "cpu family" in fields else "")
   return f"{name}{family}, {os.cpu_count()} cores"
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
+  """Each function's seconds over `repeats` rounds in which they take turns, so all see the same
+  machine load (a 2-core VM's speed drifts by 10% from minute to minute). Each turn calls its
+  function twice and times the second call: on the CPU a call right after another program's
+  runs slower, which no loop of one program sees (benchmarks/conv.py's two UNets, whose
+  forwards are the same program, read 0.88x timed call after call and 0.98x this way)."""
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      fn()
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+  return {name: statistics.median(v) for name, v in times.items()}
 
 
 def peak_bytes() -> int | None:

@@ -11,15 +11,15 @@ Two cases, both float32 on the default JAX backend and on torch's CPU:
 The UNet is diffusers' UNet2DConditionModel built from ldm_jax's config of it, with diffusers'
 random initialisation, saved by diffusers and loaded through ldm_jax.interop, so both run the
 same weights (the script checks their outputs agree before timing). torch and diffusers are
-needed at run time only; they are no dependency of ldm_jax. Prints and writes the times and the
-ratios ldm_jax / diffusers (below 1: ldm_jax is faster).
+needed at run time only; they are no dependency of ldm_jax. The two take turns, --repeats rounds
+of two calls each, the second timed. Prints and writes the median times, their ratio ldm_jax /
+diffusers (below 1: ldm_jax is faster) and each round's ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.models import host_cpu  # noqa: E402
+from benchmarks.models import alternate, host_cpu, medians  # noqa: E402
 from ldm_jax.diffusion import samplers  # noqa: E402
 from ldm_jax.diffusion.schedules import make_beta_schedule, schedule_from_betas  # noqa: E402
 from ldm_jax.interop.diffusers import diffusers_unet_config, load_diffusers_unet  # noqa: E402
@@ -47,13 +47,12 @@ MODELS = {
 LATENT, CONTEXT = (32, 32, 4), 512
 
 
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _alternate(jax_fn, torch_fn, repeats: int) -> dict:
+  """Median seconds of each (models.alternate: turns, second call timed) and each round's ratio."""
+  times = alternate({"ldm_jax": jax_fn, "diffusers": torch_fn}, repeats)
+  jax_s, torch_s = medians(times).values()
+  return {"ldm_jax_s": jax_s, "diffusers_s": torch_s, "ratio": jax_s / torch_s,
+          "round_ratios": [round(a / b, 4) for a, b in zip(*times.values())]}
 
 
 def build_pair(name: str, folder: str, attention_impl: str | None):
@@ -105,7 +104,6 @@ def time_train(peer, module, variables, batch: int, repeats: int) -> dict:
   start = time.perf_counter()
   jax.block_until_ready(grad(variables["params"]))
   compile_s = time.perf_counter() - start
-  jax_s = _median_time(lambda: jax.block_until_ready(grad(variables["params"])), repeats)
 
   xt, tt, ct = (torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                 torch.from_numpy(ctx))
@@ -118,9 +116,9 @@ def time_train(peer, module, variables, batch: int, repeats: int) -> dict:
 
   peer.train()
   torch_step()                                                  # warm-up
-  torch_s = _median_time(torch_step, repeats)
-  return {"batch": batch, "ldm_jax_s": jax_s, "diffusers_s": torch_s,
-          "ratio": jax_s / torch_s, "ldm_jax_compile_s": compile_s}
+  timed = _alternate(lambda: jax.block_until_ready(grad(variables["params"])), torch_step,
+                     repeats)
+  return {"batch": batch, **timed, "ldm_jax_compile_s": compile_s}
 
 
 def time_sample(peer, module, variables, batch: int, steps: int, repeats: int) -> dict:
@@ -133,7 +131,6 @@ def time_sample(peer, module, variables, batch: int, steps: int, repeats: int) -
   start = time.perf_counter()
   jax_out = np.asarray(fn(variables, x, ctx))
   compile_s = time.perf_counter() - start
-  jax_s = _median_time(lambda: jax.block_until_ready(fn(variables, x, ctx)), repeats)
 
   ts = samplers.ddim_timesteps(1000, steps)
   alphas, alphas_prev, _ = samplers.ddim_alphas(schedule.alphas_cumprod, ts, 0.0)
@@ -153,10 +150,10 @@ def time_sample(peer, module, variables, batch: int, steps: int, repeats: int) -
 
   peer.eval()
   torch_out = torch_sample()
-  torch_s = _median_time(torch_sample, repeats)
+  timed = _alternate(lambda: jax.block_until_ready(fn(variables, x, ctx)), torch_sample,
+                     repeats)
   diff = float(np.max(np.abs(jax_out - torch_out)) / np.max(np.abs(torch_out)))
-  return {"batch": batch, "steps": steps, "ldm_jax_s": jax_s, "diffusers_s": torch_s,
-          "ratio": jax_s / torch_s, "ldm_jax_compile_s": compile_s,
+  return {"batch": batch, "steps": steps, **timed, "ldm_jax_compile_s": compile_s,
           "trajectory_rel_diff": diff}
 
 
