@@ -5,9 +5,9 @@ Accelerators keep XLA's own convolution. Same numbers either way, up to float ro
 
 With Eigen's kernels (ldm_jax/xla_cpu.py, the default since 2026-12-04) XLA's convolution is as
 fast as the matmul form or faster everywhere but on maps of at most TINY_MAP_PIXELS outputs,
-where it is 3-100x slower (16x2x2x512 -> 512: 204 ms forward against 2.6), and its gradient
-spends most of its time on small maps copying the flipped kernel (`_conv_flipped_grad`). What
-follows was measured under YNNPACK's kernels, and its rules apply only there.
+where it is 3-100x slower (16x2x2x512 -> 512: 204 ms forward against 2.6), and on small maps
+its gradient spends about a third of its time copying the flipped kernel (`_conv_flipped_grad`).
+What follows was measured under YNNPACK's kernels, and its rules apply only there.
 
 Why: XLA's CPU convolution gradients (input and kernel) ran 3-6x its forward time and were most
 of the conv time in the UNet's fwd+bwd; the matmul form's gradients are XLA dot kernels. The
@@ -123,8 +123,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def _kernel_outweighs(lhs, rhs, pads) -> bool:
-  """Whether the kernel has more elements than the input and output maps together (and the
-  pads lie within the kernel, as the flipped form needs)."""
+  """Whether the kernel has more elements than the maps (the input's positions times its input
+  plus output channels), and the pads lie within the kernel, as the flipped form needs."""
   kh, kw, cin, cout = rhs.shape
   maps = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * (cin + cout)
   return (kh * kw * cin * cout > maps
