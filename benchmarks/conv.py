@@ -20,7 +20,6 @@ turns into its (faster) dot kernels would close part of the gap. Prints ms per c
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -104,7 +103,7 @@ def unet_ab(name: str, batch: int, repeats: int) -> dict:
       cpu_conv.for_backend = original
 
   fns = {"xla": compiled(False), "ldm_jax": compiled(True)}
-  calls = {f"{k}{part}_s": functools.partial(lambda f: jax.block_until_ready(f(params)), fn[part])
+  calls = {f"{k}{part}_s": lambda f=fn[part]: jax.block_until_ready(f(params))
            for part in ("", "_fwd") for k, (fn, _) in fns.items()}
   out = {"model": name, "batch": batch, "repeats": repeats,
          **medians(alternate(calls, repeats)),

@@ -56,12 +56,16 @@ def _out_pixels(x, w, pads) -> int:
   return h * wd if h > 0 and wd > 0 else 0
 
 
+def _xla_conv(x, w, pads):
+  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
+
+
 def _forward(x, w, pads):
   """im2col on small output maps, XLA's convolution on larger ones (see the module docstring)."""
   if _out_pixels(x, w, pads) <= (TINY_MAP_PIXELS if xla_cpu.eigen_kernels()
                                  else MAX_MATMUL_FORWARD_PIXELS):
     return patch_matmul(x, w, pads)
-  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
+  return _xla_conv(x, w, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -129,10 +133,6 @@ def _kernel_outweighs(lhs, rhs, pads) -> bool:
   maps = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] * (cin + cout)
   return (kh * kw * cin * cout > maps
           and all(0 <= p < k for k, pad in zip((kh, kw), pads) for p in pad))
-
-
-def _xla_conv(x, w, pads):
-  return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

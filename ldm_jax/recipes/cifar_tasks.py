@@ -35,6 +35,7 @@ from ldm_jax import config as config_lib
 from ldm_jax import fileio
 from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 from ldm_jax.data.demo_sets import extract_cifar
+from ldm_jax.recipes import check_steps, ldm_steps_help
 
 logger = logging.getLogger("ldm_jax")
 TASKS = ("sr", "inpaint")
@@ -272,9 +273,7 @@ def run(task: str, workdir: str, archive_dir: str, *, ae_steps: int = 800,
   if sampler not in SAMPLERS:   # checked before the training they would follow
     raise ConfigError(f"--sampler: expected one of {', '.join(SAMPLERS)}, got '{sampler}'")
   ldm_steps = LDM_STEPS[task] if ldm_steps is None else ldm_steps
-  for flag, n in (("--steps", steps), ("--ae_steps", ae_steps), ("--ldm_steps", ldm_steps)):
-    if n < 1:
-      raise ConfigError(f"{flag}: expected a positive number of steps, got {n}")
+  check_steps(("--steps", steps), ("--ae_steps", ae_steps), ("--ldm_steps", ldm_steps))
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
@@ -340,9 +339,7 @@ def main(argv=None):
                            "cifar10-test-jpeg.tar.gz.")
   parser.add_argument("--workdir", default="runs/cifar_tasks")
   parser.add_argument("--ae_steps", type=int, default=800)
-  parser.add_argument("--ldm_steps", type=int, default=None,
-                      help="LDM training steps (default per task: " +
-                      ", ".join(f"{t} {n}" for t, n in LDM_STEPS.items()) + ").")
+  parser.add_argument("--ldm_steps", type=int, default=None, help=ldm_steps_help(LDM_STEPS))
   parser.add_argument("--eval_per_class", type=int, default=50)
   parser.add_argument("--sampler", default=SAMPLER,
                       help="Sampler of the task's held-out sampling (ldm_jax.diffusion.samplers"

@@ -33,6 +33,7 @@ from ldm_jax import fileio
 from ldm_jax.cli import ArgumentParser, friendly_errors, setup_logging
 from ldm_jax.data import digit_sets
 from ldm_jax.data.demo_sets import build_digits
+from ldm_jax.recipes import check_steps, ldm_steps_help
 
 logger = logging.getLogger("ldm_jax")
 TASKS = ("semantic", "layout", "text")
@@ -229,17 +230,13 @@ def run(task: str, workdir: str, *, autoencoder: str = "", ae_steps: int = 300,
   import jax
   import numpy as np
   from ldm_jax import quickstart
-  from ldm_jax.errors import ConfigError
   from ldm_jax.inference import load_pipeline
   from ldm_jax.training.loop import train_and_evaluate
   from ldm_jax.training.reporting import image_grid, save_png
   if task not in TASKS:
     raise ValueError(f"--task: expected one of {', '.join(TASKS)}, got '{task}'")
   ldm_steps = LDM_STEPS[task] if ldm_steps is None else ldm_steps
-  checks = [("--ldm_steps", ldm_steps)] + ([] if autoencoder else [("--ae_steps", ae_steps)])
-  for flag, n in checks:
-    if n < 1:
-      raise ConfigError(f"{flag}: expected a positive number of steps, got {n}")
+  check_steps(("--ldm_steps", ldm_steps), *([] if autoencoder else [("--ae_steps", ae_steps)]))
   workdir = os.path.abspath(workdir)
   task_dir = os.path.join(workdir, task)
   times, t0 = {}, time.time()
@@ -284,9 +281,7 @@ def main(argv=None):
   parser.add_argument("--autoencoder", default="", help="Reuse this trained autoencoder "
                       "workdir (e.g. runs/quickstart/autoencoder) instead of training one.")
   parser.add_argument("--ae_steps", type=int, default=300)
-  parser.add_argument("--ldm_steps", type=int, default=None,
-                      help="LDM training steps (default per task: " +
-                      ", ".join(f"{t} {n}" for t, n in LDM_STEPS.items()) + ").")
+  parser.add_argument("--ldm_steps", type=int, default=None, help=ldm_steps_help(LDM_STEPS))
   parser.add_argument("--held_out", type=int, default=300,
                       help="Held-out maps / layouts (text: prompts x held_out/10 samples).")
   args = parser.parse_args(argv)
