@@ -1,19 +1,25 @@
-"""XLA's CPU kernels: Eigen's convolutions instead of YNNPACK's, set before JAX starts.
+"""XLA's CPU kernels: Eigen's convolutions and YNNPACK's reductions, set before JAX starts.
 
 jax 0.10's CPU backend hands convolutions and dots to YNNPACK by default. On the 2-core AVX-512
 machines this project is built on, Eigen's 3x3 convolutions ran 1.2-2.2x faster forward and
 2.1-2.5x faster fwd+bwd than YNNPACK's (16x32x32x64 -> 64: forward 15.1 -> 7.4 ms, fwd+bwd
-64.6 -> 27.0 ms; benchmarks/RESULTS.md), while dots ran at the same speed. So ldm_jax turns
-YNNPACK's fusions off (`--xla_cpu_experimental_ynn_fusion_type=`, an empty list) when it is
+64.6 -> 27.0 ms; benchmarks/RESULTS.md), while dots ran at the same speed. XLA's own reductions
+are the opposite case: a per-channel sum over (B, H, W) of 8x32x32x512 took 14-17 ms as XLA's
+reduce and 0.7 ms as YNNPACK's (its reduce fusions), and in the ImageNet UNet's fwd+bwd, full
+of such sums (bias and norm gradients), YNNPACK's reductions took the step 0.88x the time;
+YNNPACK's elementwise fusions made it 1.15x slower. So ldm_jax sets
+`--xla_cpu_experimental_ynn_fusion_type=reduce` (YNNPACK for reductions only) when it is
 imported before JAX's backends start, unless XLA_FLAGS already names that flag: set it yourself
-to keep another choice (models/cpu_conv.py then keeps the rules it measured for YNNPACK).
-Accelerators do not read the flag.
+to keep another choice (models/cpu_conv.py then keeps the rules it measured for YNNPACK's
+convolutions if that choice gives them convolutions). Accelerators do not read the flag.
 """
 from __future__ import annotations
 
 import os
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# What ldm_jax sets FLAG to: YNNPACK runs reductions, Eigen (XLA's own) convolutions and dots.
+CHOICE = "reduce"
 
 
 def _value(flags: str) -> str | None:
@@ -40,7 +46,7 @@ def eigen_kernels(environ=None) -> bool:
 
 
 def prefer_eigen_kernels(environ=None, backends_started: bool | None = None) -> bool:
-  """Adds FLAG= to XLA_FLAGS unless it names FLAG already or JAX's backends have started (the
+  """Adds FLAG=CHOICE to XLA_FLAGS unless it names FLAG already or JAX's backends have started (the
   flag would then not apply); returns eigen_kernels()."""
   environ = os.environ if environ is None else environ
   flags = environ.get("XLA_FLAGS", "")
@@ -48,7 +54,7 @@ def prefer_eigen_kernels(environ=None, backends_started: bool | None = None) -> 
     if backends_started is None:
       backends_started = _backends_started()
     if not backends_started:
-      environ["XLA_FLAGS"] = f"{flags} {FLAG}=".strip()
+      environ["XLA_FLAGS"] = f"{flags} {FLAG}={CHOICE}".strip()
   return eigen_kernels(environ)
 
 
