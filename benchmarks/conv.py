@@ -76,9 +76,9 @@ def _time(fn, args, repeats):
 def unet_ab(name: str, batch: int, repeats: int) -> dict:
   """Median fwd+bwd and forward seconds of the UNet with XLA's convolution and with cpu_conv's,
   taking turns (models.alternate; fwd+bwd compile time reported)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from models import alternate, medians  # pylint: disable=g-import-not-at-top
-  from vs_pytorch import CONTEXT, LATENT, MODELS  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+  from benchmarks.models import alternate, medians  # pylint: disable=g-import-not-at-top
+  from benchmarks.vs_pytorch import CONTEXT, LATENT, MODELS  # pylint: disable=g-import-not-at-top
   from ldm_jax.models.unet import UNet  # pylint: disable=g-import-not-at-top
   module = UNet(in_channels=LATENT[2], out_channels=LATENT[2], use_spatial_transformer=True,
                 **MODELS[name])

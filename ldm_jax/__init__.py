@@ -5,4 +5,4 @@ convolutions (ldm_jax/xla_cpu.py: each the faster here; XLA_FLAGS naming the fla
 user's choice)."""
 from ldm_jax import xla_cpu as _xla_cpu
 
-_xla_cpu.prefer_eigen_kernels()
+_xla_cpu.choose_cpu_kernels()

@@ -45,7 +45,7 @@ def eigen_kernels(environ=None) -> bool:
   return True
 
 
-def prefer_eigen_kernels(environ=None, backends_started: bool | None = None) -> bool:
+def choose_cpu_kernels(environ=None, backends_started: bool | None = None) -> bool:
   """Adds FLAG=CHOICE to XLA_FLAGS unless it names FLAG already or JAX's backends have started (the
   flag would then not apply); returns eigen_kernels()."""
   environ = os.environ if environ is None else environ

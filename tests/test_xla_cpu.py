@@ -16,22 +16,22 @@ SET = OFF + xla_cpu.CHOICE
 
 def test_adds_the_flag_to_what_is_there():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert xla_cpu.prefer_eigen_kernels(env, backends_started=False)
+  assert xla_cpu.choose_cpu_kernels(env, backends_started=False)
   assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {SET}"
   env = {}
-  assert xla_cpu.prefer_eigen_kernels(env, backends_started=False)
+  assert xla_cpu.choose_cpu_kernels(env, backends_started=False)
   assert env == {"XLA_FLAGS": SET}
 
 
 def test_keeps_the_users_choice_and_a_started_backend():
   mine = f"{OFF}individual_dot,individual_convolution"
   env = {"XLA_FLAGS": mine}
-  assert not xla_cpu.prefer_eigen_kernels(env, backends_started=False)
+  assert not xla_cpu.choose_cpu_kernels(env, backends_started=False)
   assert env["XLA_FLAGS"] == mine
   env = {"XLA_FLAGS": f"{mine} {OFF}"}    # the last value counts, as in XLA
-  assert xla_cpu.prefer_eigen_kernels(env, backends_started=False)
+  assert xla_cpu.choose_cpu_kernels(env, backends_started=False)
   env = {}
-  assert not xla_cpu.prefer_eigen_kernels(env, backends_started=True)   # too late to apply
+  assert not xla_cpu.choose_cpu_kernels(env, backends_started=True)   # too late to apply
   assert env == {}
 
 

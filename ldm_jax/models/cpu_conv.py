@@ -160,8 +160,8 @@ def _flipped_grad_bwd(pads, res, dy):
   # The transposed convolution's pads, seen from the flipped side: (k-1-hi, k-1-lo).
   back_pads = [(k - 1 - hi, k - 1 - lo) for k, (lo, hi) in zip(w.shape[:2], pads)]
   dx = flip(_xla_conv(flip(dy), jnp.swapaxes(w, 2, 3), back_pads))
-  _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, pads), w)
-  return dx, kernel_vjp(dy)[0]
+  dw, = jax.linear_transpose(lambda k: _xla_conv(x, k, pads), w)(dy)   # XLA's kernel gradient
+  return dx, dw
 
 
 _conv_flipped_grad.defvjp(_flipped_grad_fwd, _flipped_grad_bwd)
